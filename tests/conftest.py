@@ -1,0 +1,38 @@
+"""Shared fixtures: tests import the stage files from the repo root and run on 1-2 CPU threads."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path):
+    """A tiny Fashion-MNIST look-alike (gz IDX files) so no test needs the Debian package."""
+    import data
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        imgs = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        img_f, lab_f = data.FILES[split]
+        data.write_idx(str(tmp_path / img_f), imgs)
+        data.write_idx(str(tmp_path / lab_f), labels)
+    return str(tmp_path)
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    """A DiT-T/4-shaped checkpoint with random (non-zero) output layers, saved by our own writer."""
+    import dit
+    torch.manual_seed(0)
+    m = dit.build(dit.TINY, depth=1)
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.02)
+    path = str(tmp_path / "tiny.pt")
+    dit.save_checkpoint(path, m, {"model": dit.TINY, "depth": 1})
+    return path

@@ -1,0 +1,96 @@
+"""diffusion.py: schedule endpoints, respacing, and samplers against analytic toy problems."""
+import numpy as np
+import pytest
+import torch
+
+import dit
+from diffusion import Diffusion, guided, linear_betas, space_timesteps
+
+
+def test_linear_schedule_endpoints():
+    b = linear_betas(1000)
+    assert b.dtype == np.float64 and b[0] == 1e-4 and abs(b[-1] - 0.02) < 1e-15
+    d = Diffusion.make()
+    assert abs(d.alphas_cumprod[0] - 0.9999) < 1e-12
+    assert abs(d.alphas_cumprod[-1] - 4.0358e-05) < 1e-8  # ᾱ_T of DiT's linear schedule
+
+
+def test_respacing_keeps_alpha_bar_exactly():
+    d = Diffusion.make()
+    r = d.respace(50)
+    assert r.num_timesteps == 50 and r.timestep_map[0] == 0 and r.timestep_map[-1] == 999
+    assert r.timestep_map[:4].tolist() == [0, 20, 41, 61]  # official space_timesteps(1000, [50])
+    np.testing.assert_allclose(r.alphas_cumprod, d.alphas_cumprod[r.timestep_map], rtol=1e-12)
+    assert space_timesteps(1000, 1) == [999]
+    with pytest.raises(ValueError):
+        space_timesteps(1000, 0)
+
+
+def test_q_sample_moments():
+    d = Diffusion.make()
+    x0, noise = torch.full((4000, 1), 0.7), torch.randn(4000, 1)
+    xt = d.q_sample(x0, torch.full((4000,), 300), noise)
+    a = d.alphas_cumprod[300]
+    assert abs(xt.mean().item() - 0.7 * a ** 0.5) < 0.05
+    assert abs(xt.std().item() - (1 - a) ** 0.5) < 0.05
+
+
+def gaussian_oracle(d_full, sigma):
+    """Exact ε-predictor for data ~ N(0, σ²): E[ε | x_t] = sqrt(1-ᾱ) x_t / (ᾱ σ² + 1 - ᾱ)."""
+    acp = torch.from_numpy(d_full.alphas_cumprod)
+    def fn(x, t):
+        a = acp[t].float().view(-1, *[1] * (x.dim() - 1))
+        return (1 - a).sqrt() * x / (a * sigma ** 2 + 1 - a)
+    return fn
+
+
+def test_ddim_one_step_vs_many_on_a_gaussian_toy():
+    sigma, z = 0.5, torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    fn = gaussian_oracle(Diffusion.make(), sigma)
+    many = Diffusion.make(steps=100).sample(fn, z, "ddim", clip=False)
+    one = Diffusion.make(steps=1).sample(fn, z, "ddim", clip=False)
+    assert abs(many.std().item() - sigma) < 0.02  # the probability-flow ODE maps N(0,1) to N(0,σ²)
+    assert one.std().item() < 0.01  # one step predicts E[x0 | x_T] ≈ the mean
+
+
+def test_ddim_recovers_a_point_mass_with_any_step_count():
+    c = torch.tensor(0.3)
+    d_full = Diffusion.make()
+    acp = torch.from_numpy(d_full.alphas_cumprod).float()
+    def fn(x, t):
+        a = acp[t].view(-1, 1, 1, 1)
+        return (x - a.sqrt() * c) / (1 - a).sqrt()
+    z = torch.randn(8, 1, 4, 4)
+    for steps in (1, 7, 50):
+        out = Diffusion.make(steps=steps).sample(fn, z, "ddim")
+        torch.testing.assert_close(out, torch.full_like(z, 0.3), atol=2e-4, rtol=0)  # float32: 1/sqrt(ᾱ_T) ≈ 157
+
+
+def test_ddpm_matches_the_target_variance_and_is_seeded():
+    sigma, z = 0.5, torch.randn(4000, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    fn = gaussian_oracle(Diffusion.make(), sigma)
+    d = Diffusion.make(steps=100)
+    a = d.sample(fn, z, "ddpm", clip=False, generator=torch.Generator().manual_seed(5))
+    b = d.sample(fn, z, "ddpm", clip=False, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    assert abs(a.std().item() - sigma) < 0.05
+
+
+def test_cfg_guided_fn_combines_cond_and_null():
+    torch.manual_seed(0)
+    m = dit.build(dit.TINY, depth=1).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(3, 1, 32, 32), torch.tensor([5, 500, 900]), torch.tensor([1, 2, 3])
+    with torch.no_grad():
+        cond, uncond = m(x, t, y), m(x, t, torch.full_like(y, 10))
+        torch.testing.assert_close(guided(m, y, 1.0)(x, t), cond)
+        torch.testing.assert_close(guided(m, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_eps_mse():
+    d = Diffusion.make()
+    zero = lambda x, t, y: torch.zeros_like(x)
+    noise = torch.randn(16, 1, 4, 4)
+    loss = d.loss(zero, torch.zeros(16, 1, 4, 4), None, t=torch.zeros(16, dtype=torch.long), noise=noise)
+    torch.testing.assert_close(loss, noise.pow(2).mean())

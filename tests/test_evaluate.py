@@ -1,0 +1,52 @@
+"""evaluate.py: the metrics against closed forms, and the shipped classifier file."""
+import os
+
+import pytest
+import torch
+
+import evaluate
+
+
+def test_frechet_distance_closed_form():
+    mu1, mu2 = torch.tensor([0.0, 1.0, 2.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)
+    a, b = torch.tensor([1.0, 4.0, 9.0], dtype=torch.float64), torch.tensor([4.0, 4.0, 1.0], dtype=torch.float64)
+    fd = evaluate.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b))
+    want = (mu1 - mu2).pow(2).sum() + (a.sqrt() - b.sqrt()).pow(2).sum()  # diagonal case
+    assert abs(fd - want.item()) < 1e-9
+    q, _ = torch.linalg.qr(torch.randn(3, 3, dtype=torch.float64))  # rotation-invariant
+    s = q @ torch.diag(a) @ q.T
+    assert abs(evaluate.frechet_distance(mu1, s, mu1, s)) < 1e-9
+
+
+def test_precision_recall_extremes():
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(200, 8, generator=g)
+    assert evaluate.precision_recall(real, real.clone()) == (1.0, 1.0)
+    far = torch.randn(200, 8, generator=g) + 100
+    assert evaluate.precision_recall(real, far) == (0.0, 0.0)
+    collapsed = real[:1].repeat(200, 1) + 1e-3 * torch.randn(200, 8, generator=g)  # mode collapse
+    p, r = evaluate.precision_recall(real, collapsed)
+    assert p == 1.0 and r < 0.1
+
+
+def test_psnr_known_value():
+    a = torch.zeros(2, 1, 4, 4)
+    assert abs(evaluate.psnr(a, a + 0.2) - 20.0) < 1e-4  # error 0.1 on the [0, 1] scale -> 20 dB
+
+
+def test_score_on_a_random_classifier():
+    torch.manual_seed(0)
+    clf = evaluate.Classifier().eval()
+    x, y = torch.rand(20, 1, 32, 32) * 2 - 1, torch.arange(20) % 10
+    f, _ = evaluate.features_and_logits(clf, x)
+    ref = {"mu": f.mean(0), "sigma": torch.cov(f.T), "feats": f.half()}
+    m = evaluate.score(x, y, clf, ref, ref_images=x)
+    assert abs(m["fd"]) < 1e-3 and m["n"] == 20 and m["psnr"] > 90 and 0 <= m["acc"] <= 1
+
+
+@pytest.mark.skipif(not os.path.exists(evaluate.CLASSIFIER), reason="classifier not built")
+def test_shipped_classifier_and_reference_statistics():
+    clf, ref, acc = evaluate.load_classifier()
+    assert acc >= 0.90
+    assert ref["feats"].shape == (10000, 128) and ref["sigma"].shape == (128, 128)
+    torch.testing.assert_close(ref["mu"], ref["feats"].double().mean(0), atol=2e-3, rtol=0)
