@@ -1,0 +1,270 @@
+"""Uniform integer quantizers and `QuantLinear`: one layer for every method (a method is data).
+
+A `QuantLinear` computes y = x Wᵀ + b as
+    x̃ = ((x − μ) / s) Hᵀ          input transform: any subset of centering μ, channel scale s, Hadamard H
+    W̃ = W diag(s) Hᵀ              the same transform folded into the weight, offline
+    y = (Q_a(x̃) + μ̃) Q_w(W̃)ᵀ + b + x L̃ᵀ     μ̃ = (μ / s) Hᵀ; L̃ an optional low-rank correction
+Because H is orthogonal and s is undone in W̃, the transform is exact: with quantization off the
+layer equals the original nn.Linear. HadaNorm's mean term μ̃ Q_w(W̃)ᵀ reuses the quantized weight,
+so no float copy of W is kept.
+
+Quantizer conventions (DESIGN §4): symmetric levels [-2^(b-1), 2^(b-1)-1] with s = max|x| / (2^(b-1)-1),
+asymmetric levels [0, 2^b - 1] with a zero point; granularity per tensor, per row (tokens of x, output
+channels of W) or per group of g along K; range by min-max or by an MSE search over clipping ratios.
+
+    python quant.py          # quantization error of one random layer under each setting
+"""
+import argparse
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+
+import hadamard
+
+QUANT_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # per block; everything else stays float
+
+
+#################################################################################
+#                                 Quantizer                                      #
+#################################################################################
+
+@dataclass
+class QConfig:
+    """How one tensor is quantized."""
+    bits: int = 4
+    symmetric: bool = True
+    granularity: str = "row"  # "tensor" | "row" (per token / per output channel) | "group"
+    group_size: int = 128
+    range: str = "minmax"  # "minmax" | "mse" (search of the clipping ratio)
+
+    def __post_init__(self):
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"unsupported bit width {self.bits}: choose 2..8")
+        if self.granularity not in ("tensor", "row", "group"):
+            raise ValueError(f"unknown granularity {self.granularity!r}")
+        if self.range not in ("minmax", "mse"):
+            raise ValueError(f"unknown range method {self.range!r}")
+
+
+def levels(cfg):
+    """(qmin, qmax) integer levels."""
+    return (-(2 ** (cfg.bits - 1)), 2 ** (cfg.bits - 1) - 1) if cfg.symmetric else (0, 2 ** cfg.bits - 1)
+
+
+def _grouped(x, cfg):
+    """View x so that one scale covers each last-axis slice: (..., G, g) for groups, else x."""
+    if cfg.granularity != "group":
+        return x
+    if x.shape[-1] % cfg.group_size:
+        raise ValueError(f"group size {cfg.group_size} does not divide K = {x.shape[-1]}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // cfg.group_size, cfg.group_size)
+
+
+def _minmax(x, cfg, ratio=1.0):
+    if cfg.granularity == "tensor":
+        lo, hi = x.min().reshape(1), x.max().reshape(1)
+        lo, hi = lo.view([1] * x.dim()), hi.view([1] * x.dim())
+    else:
+        lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    qmin, qmax = levels(cfg)
+    if cfg.symmetric:
+        scale = torch.maximum(hi.abs(), lo.abs()) * ratio / qmax
+        zero = torch.zeros_like(scale)
+    else:
+        lo, hi = (lo * ratio).clamp(max=0), (hi * ratio).clamp(min=0)
+        scale = (hi - lo) / (qmax - qmin)
+        zero = (-lo / scale.clamp(min=1e-12)).round()
+    return scale.clamp(min=1e-12), zero
+
+
+def quant_params(x, cfg, grid=20):
+    """Scale and zero point for x under cfg (shapes broadcast against `_grouped(x, cfg)`)."""
+    xg = _grouped(x.detach().float(), cfg)
+    if cfg.range == "minmax":
+        return _minmax(xg, cfg)
+    best, best_err = None, None
+    for r in torch.linspace(1.0, 0.3, grid).tolist():  # clipping ratio search, per slice
+        s, z = _minmax(xg, cfg, r)
+        err = (fake_quant_with(xg, s, z, cfg) - xg).pow(2)
+        err = err.sum().view([1] * xg.dim()) if cfg.granularity == "tensor" else err.sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = (s, z), err
+        else:
+            better = err < best_err
+            best = (torch.where(better, s, best[0]), torch.where(better, z, best[1]))
+            best_err = torch.minimum(err, best_err)
+    return best
+
+
+def round_ste(x):
+    """round() with a straight-through gradient."""
+    return x + (x.round() - x).detach()
+
+
+def quantize_with(x, scale, zero, cfg):
+    """Integer codes (as float) of x: clamp(round(x / s) + z)."""
+    qmin, qmax = levels(cfg)
+    return torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
+
+
+def fake_quant_with(x, scale, zero, cfg):
+    return (quantize_with(x, scale, zero, cfg) - zero) * scale
+
+
+def fake_quant(x, cfg, params=None):
+    """Dynamic (params=None: from x itself) or static fake quantization; differentiable by STE."""
+    if cfg is None:
+        return x
+    s, z = quant_params(x, cfg) if params is None else params
+    return fake_quant_with(_grouped(x, cfg), s, z, cfg).reshape(x.shape)
+
+
+def quantize(x, cfg, params=None):
+    """-> (int8 codes, scale, zero): the integers the integer path multiplies."""
+    s, z = quant_params(x, cfg) if params is None else params
+    q = quantize_with(_grouped(x.float(), cfg), s, z, cfg)
+    return q.reshape(x.shape).to(torch.int8), s, z
+
+
+#################################################################################
+#                                 QuantLinear                                    #
+#################################################################################
+
+class QuantLinear(nn.Module):
+    """A linear layer with an exact input transform, weight/activation quantizers and low-rank branch."""
+    def __init__(self, linear, wq=None, aq=None, center="none", scale=None, rotate=False, block=None,
+                 signs=None, static_mean=None):
+        super().__init__()
+        if center not in ("none", "dynamic", "static"):
+            raise ValueError(f"unknown centering {center!r}: none, dynamic or static")
+        if center == "static" and static_mean is None:
+            raise ValueError("static centering needs a calibrated mean")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.wq, self.aq, self.center, self.rotate, self.block = wq, aq, center, rotate, block
+        W = linear.weight.detach().float()  # (N, K)
+        self.register_buffer("s", None if scale is None else scale.detach().float().clone())
+        self.register_buffer("signs", None if signs is None else signs.float())
+        self.register_buffer("mu_static", None if static_mean is None else static_mean.detach().float().clone())
+        if self.s is not None:
+            W = W * self.s  # W diag(s)
+        if rotate:
+            W = hadamard.transform(W, block=block, signs=self.signs)  # W diag(s) Hᵀ
+        self.weight = nn.Parameter(W, requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+        self.register_buffer("w_scale", None)
+        self.register_buffer("w_zero", None)
+        self.lora_u = self.lora_v = None
+        self.quantize_enabled = True
+        self.refresh_weight_quant()
+
+    def refresh_weight_quant(self):
+        """(Re)computes the static weight scales from the current (transformed) weight."""
+        if self.wq is not None:
+            self.w_scale, self.w_zero = quant_params(self.weight, self.wq)
+
+    def set_lora(self, u, v):
+        """Low-rank correction L̃ = U V in the transformed space: adds x̃ Vᵀ Uᵀ."""
+        self.lora_u, self.lora_v = nn.Parameter(u.float(), requires_grad=False), nn.Parameter(v.float(), requires_grad=False)
+
+    def qweight(self):
+        if self.wq is None or not self.quantize_enabled:
+            return self.weight
+        return fake_quant(self.weight, self.wq, (self.w_scale, self.w_zero))
+
+    def transform_input(self, x):
+        """x -> (x̃, μ̃): centered, scaled and rotated input, and the transformed mean (or None)."""
+        mu = None
+        if self.center == "dynamic":
+            mu = x.mean(dim=-2, keepdim=True) if x.dim() >= 3 else x.mean(dim=0, keepdim=True)  # (N, 1, K)
+        elif self.center == "static":
+            mu = self.mu_static
+        if mu is not None:
+            x = x - mu
+        if self.s is not None:
+            x = x / self.s
+            mu = None if mu is None else mu / self.s
+        if self.rotate:
+            x = hadamard.transform(x, block=self.block, signs=self.signs)
+            mu = None if mu is None else hadamard.transform(mu, block=self.block, signs=self.signs)
+        return x, mu
+
+    def forward(self, x):
+        xt, mu = self.transform_input(x)  # (N, T, K)
+        xq = fake_quant(xt, self.aq) if self.quantize_enabled else xt
+        if mu is not None:
+            xq = xq + mu  # μ̃ shares Q(W̃): y = (Q(x̃) + μ̃) Q(W̃)ᵀ
+        y = nn.functional.linear(xq, self.qweight(), self.bias)  # (N, T, N_out)
+        if self.lora_u is not None:  # float branch on the unquantized transformed input
+            xf = xt if mu is None else xt + mu
+            y = y + (xf @ self.lora_v.T) @ self.lora_u.T
+        return y
+
+    def extra_repr(self):
+        t = [n for n, on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),
+                             ("hadamard" + (f"(block={self.block})" if self.block else ""), self.rotate)) if on]
+        q = lambda c: "fp" if c is None else f"{'s' if c.symmetric else 'a'}{c.bits}/{c.granularity}/{c.range}"
+        return f"{self.in_features}->{self.out_features}, W {q(self.wq)}, A {q(self.aq)}, transform [{', '.join(t)}]"
+
+
+def quant_layers(model):
+    """(name, parent, attr, module) of every layer that quantization replaces, in block order."""
+    out = []
+    for i, blk in enumerate(model.blocks):
+        for path in QUANT_LAYERS:
+            parent_name, attr = path.split(".")
+            parent = getattr(blk, parent_name)
+            out.append((f"blocks.{i}.{path}", parent, attr, getattr(parent, attr)))
+    return out
+
+
+def quantize_model(model, recipe):
+    """Swaps qkv/proj/fc1/fc2 of every block for QuantLinear built from `recipe` (a dict).
+
+    recipe keys: wq, aq (QConfig or None), center, rotate, block, signs_seed, and per-layer dicts
+    `scales` / `means` {layer name: tensor} from calibration. Returns the model (changed in place).
+    """
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("model is already quantized; quantize the full-precision model instead")
+    for name, parent, attr, lin in quant_layers(model):
+        signs = hadamard.random_signs(lin.in_features, recipe["signs_seed"]) if recipe.get("signs_seed") is not None else None
+        q = QuantLinear(lin, recipe.get("wq"), recipe.get("aq"), recipe.get("center", "none"),
+                        recipe.get("scales", {}).get(name), recipe.get("rotate", False), recipe.get("block"),
+                        signs, recipe.get("means", {}).get(name))
+        setattr(parent, attr, q)
+    return model
+
+
+def set_quantization(model, enabled):
+    """Turns fake quantization on/off everywhere (the transform stays: it is exact)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.quantize_enabled = enabled
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Quantization error of one random linear layer under each setting.")
+    ap.add_argument("--k", type=int, default=192)
+    ap.add_argument("--n", type=int, default=768)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    lin = nn.Linear(args.k, args.n)
+    x = torch.randn(4, 64, args.k) + 3 * torch.randn(args.k)  # a per-channel offset, as DiT's fc2 input
+    x[..., :3] *= 10  # and a few outlier channels
+    ref = lin(x)
+    print(f"{'setting':34s} {'SQNR (dB)':>9s}")
+    for name, kw in (("W4A4 RTN", {}), ("W4A4 Hadamard", dict(rotate=True)),
+                     ("W4A4 HadaNorm (mean + Hadamard)", dict(rotate=True, center="dynamic")),
+                     ("W4A8 RTN", dict(aq=QConfig(8)))):
+        q = QuantLinear(lin, QConfig(4), kw.pop("aq", QConfig(4)), **kw)
+        err = (q(x) - ref).pow(2).mean() / ref.pow(2).mean()
+        print(f"{name:34s} {-10 * torch.log10(err).item():9.2f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

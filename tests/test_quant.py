@@ -1,0 +1,117 @@
+"""quant.py: quantizer levels/clamp/zero point, STE, exact transforms, quantize_model."""
+import pytest
+import torch
+import torch.nn as nn
+
+import dit
+import quant
+from quant import QConfig, QuantLinear
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_symmetric_levels_and_clamp(bits):
+    cfg = QConfig(bits, granularity="tensor")
+    x = torch.linspace(-3, 3, 1001).view(1, -1)
+    q, s, z = quant.quantize(x, cfg)
+    qmin, qmax = quant.levels(cfg)
+    assert (qmin, qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert q.min() >= qmin and q.max() == qmax and z.abs().max() == 0
+    torch.testing.assert_close(s.flatten(), torch.tensor([3.0 / qmax]))
+    # a clipped (static) scale clamps instead of wrapping around
+    q2, _, _ = quant.quantize(x, cfg, params=(s / 4, z))
+    assert q2.min() == qmin and q2.max() == qmax
+
+
+def test_asymmetric_zero_point_represents_zero_exactly():
+    cfg = QConfig(4, symmetric=False)
+    x = torch.rand(5, 64) * 3 + 0.5  # all positive: the zero point sits at the bottom
+    x[:, 0] = -0.25
+    q, s, z = quant.quantize(x, cfg)
+    assert q.min() >= 0 and q.max() <= 15
+    fq = quant.fake_quant(x, cfg)
+    assert ((fq - x).abs() <= s / 2 + 1e-6).all()  # round-to-nearest within range
+    zero_in = torch.zeros(5, 64)
+    assert quant.fake_quant(zero_in, cfg, (s, z)).abs().max() == 0
+
+
+def test_groups_and_rows_have_their_own_scales():
+    x = torch.randn(4, 256)
+    x[:, 128:] *= 100
+    g = quant.fake_quant(x, QConfig(4, granularity="group", group_size=128))
+    r = quant.fake_quant(x, QConfig(4, granularity="row"))
+    assert (g - x)[:, :128].abs().mean() < (r - x)[:, :128].abs().mean() / 3
+    with pytest.raises(ValueError, match="does not divide"):
+        quant.fake_quant(torch.randn(2, 100), QConfig(4, granularity="group", group_size=64))
+
+
+def test_mse_range_beats_minmax_on_heavy_tails():
+    x = torch.distributions.StudentT(2.0).sample((64, 512))
+    e = lambda r: (quant.fake_quant(x, QConfig(4, range=r)) - x).pow(2).mean()
+    assert e("mse") < e("minmax")
+
+
+def test_ste_passes_gradients_inside_the_range():
+    x = torch.randn(3, 16, requires_grad=True)
+    quant.fake_quant(x, QConfig(4)).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_bad_bit_width():
+    with pytest.raises(ValueError, match="unsupported bit width 1"):
+        QConfig(1)
+
+
+TRANSFORMS = [dict(), dict(rotate=True), dict(rotate=True, center="dynamic"), dict(center="dynamic"),
+              dict(scale="s"), dict(scale="s", rotate=True, center="dynamic"), dict(rotate=True, block=64),
+              dict(rotate=True, signs="r"), dict(center="static")]
+
+
+@pytest.mark.parametrize("kw", TRANSFORMS)
+def test_transform_is_exact_with_quantization_off(kw):
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 96)
+    x = torch.randn(2, 16, 192) + 2 * torch.randn(192)
+    kw = dict(kw)
+    if kw.get("scale") == "s":
+        kw["scale"] = torch.rand(192) + 0.5
+    if kw.get("signs") == "r":
+        kw["signs"] = quant.hadamard.random_signs(192, 3)
+    if kw.get("center") == "static":
+        kw["static_mean"] = torch.randn(192)
+    q = QuantLinear(lin, QConfig(4), QConfig(4), **kw)
+    q.quantize_enabled = False
+    torch.testing.assert_close(q(x), lin(x), atol=1e-5, rtol=1e-5)
+
+
+def test_hadanorm_mean_term_uses_the_quantized_weight():
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 64)
+    x = torch.randn(2, 8, 192)
+    q = QuantLinear(lin, QConfig(4), None, center="dynamic", rotate=True)
+    xt, mu = q.transform_input(x)
+    torch.testing.assert_close(q(x), (xt + mu) @ q.qweight().T + lin.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_quantize_model_swaps_the_four_layers_and_refuses_twice():
+    m = dit.build(dit.TINY, depth=2)
+    quant.quantize_model(m, {"wq": QConfig(4), "aq": QConfig(4), "rotate": True})
+    qs = [n for n, mod in m.named_modules() if isinstance(mod, QuantLinear)]
+    assert qs == [f"blocks.{i}.{p}" for i in range(2) for p in quant.QUANT_LAYERS]
+    assert isinstance(m.blocks[0].adaLN_modulation[1], nn.Linear)  # kept in float
+    with pytest.raises(ValueError, match="already quantized"):
+        quant.quantize_model(m, {})
+
+
+def test_quantized_tiny_model_with_quantization_off_equals_fp():
+    torch.manual_seed(0)
+    m = dit.build(dit.TINY, depth=2).eval()
+    for p in m.parameters():
+        p.data.normal_(0, 0.05)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([3, 700]), torch.tensor([1, 4])
+    with torch.no_grad():
+        ref = m(x, t, y)
+        quant.quantize_model(m, {"wq": QConfig(4), "aq": QConfig(4), "rotate": True, "center": "dynamic"})
+        quant.set_quantization(m, False)
+        torch.testing.assert_close(m(x, t, y), ref, atol=1e-5, rtol=1e-4)
+        quant.set_quantization(m, True)
+        assert not torch.allclose(m(x, t, y), ref, atol=1e-3)
