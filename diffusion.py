@@ -158,6 +158,18 @@ def guided(model, y, cfg_scale, guide_channels=3):
     return fn
 
 
+def class_labels(n, classes):
+    """n labels cycling through `classes`: balanced, and the same for every model compared."""
+    return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
+
+
+def make_noise(n, model, seed):
+    """x_T for n samples from one seed; sample i's noise does not depend on n or the batch size."""
+    g = torch.Generator().manual_seed(seed)
+    size = model.x_embedder.img_size[0]
+    return torch.randn(n, model.in_channels, size, size, generator=g)  # (N, C, H, W)
+
+
 def main():
     ap = argparse.ArgumentParser(description="Show the linear schedule's endpoints and a respaced set of timesteps.")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps to respace to")

@@ -288,6 +288,7 @@ DiT_models = {
     "DiT-T/4": DiT_T_4,
 }
 TINY = "DiT-T/4"
+DEFAULT_CKPT = "checkpoints/dit_t4.pt"  # the shipped tiny model (EMA, fp16)
 
 
 def build(name, **kw):
@@ -337,6 +338,9 @@ def load_checkpoint(path):
         raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:120]}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a dit4bit checkpoint (needs 'model' and 'config' entries)")
+    if "recipe" in ckpt:
+        raise ValueError(f"{path} holds an already-quantized model ({ckpt['recipe'].get('method')}); "
+                         f"pass the full-precision checkpoint")
     cfg = dict(ckpt["config"])
     model = build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
     load_state_dict_checked(model, ckpt["model"], source=path)

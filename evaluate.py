@@ -20,9 +20,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import calibrate
 import data
 import dit
-from sample import DEFAULT_CKPT, class_labels, generate
+from diffusion import class_labels
+from sample import DEFAULT_CKPT, SETTINGS, generate
 
 CLASSIFIER = "checkpoints/fm_classifier.pt"
 
@@ -173,13 +175,38 @@ def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLAS
     return metrics, images, labels
 
 
-def row(name, m):
+def row(name, m, extra=()):
     ps = f"{m['psnr']:.2f}" if "psnr" in m else "-"
     return (f"| {name} | {m['n']} | {m['fd']:.2f} | {100 * m['acc']:.1f} | {m['precision']:.3f} | "
-            f"{m['recall']:.3f} | {ps} |")
+            f"{m['recall']:.3f} | {ps} |" + "".join(f" {e} |" for e in extra))
 
 
 HEADER = "| model | n | FD ↓ | class acc % ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) ↑ |\n|---|---|---|---|---|---|---|"
+TABLE_HEADER = HEADER.replace("↑ |\n", "↑ | calib (s) | sampling (s) |\n") + "---|---|"
+
+
+def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None):
+    """The method x bits table: every row from the same noise and labels; PSNR against FP's samples."""
+    lines = [TABLE_HEADER]
+    def emit(line):
+        print(line, flush=True)
+        lines.append(line)
+        if out:
+            with open(out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+    print(TABLE_HEADER, flush=True)
+    fp, cfg = dit.load_checkpoint(ckpt)
+    m, ref_images, _ = evaluate_model(fp, n, steps, cfg_scale, seed)
+    emit(row("FP32", m, ("-", f"{m['sample_s']:.0f}")))
+    for setting in settings:
+        for method in methods:
+            model, _ = dit.load_checkpoint(ckpt)
+            t0 = time.time()
+            calibrate.quantize_fp(model, method, *SETTINGS[setting])
+            calib_s = time.time() - t0
+            m, _, _ = evaluate_model(model, n, steps, cfg_scale, seed, ref_images=ref_images)
+            emit(row(f"{setting.upper()} {method}", m, (f"{calib_s:.0f}", f"{m['sample_s']:.0f}")))
+    return lines
 
 
 def main(argv=None):
@@ -195,6 +222,10 @@ def main(argv=None):
     ap.add_argument("--real-floor", action="store_true", help="score n real training images (the FD floor)")
     ap.add_argument("--npz", default=None, help="score samples from this file (arr_0 uint8 NHWC + labels)")
     ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--table", action="store_true", help="the method x bits table (FP + PTQ recipes)")
+    ap.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings for --table")
+    ap.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas", help="recipes for --table")
+    ap.add_argument("--table-out", default=None, help="also write the table (markdown) here, row by row")
     args = ap.parse_args(argv)
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
@@ -205,6 +236,15 @@ def main(argv=None):
         save_classifier(clf, acc, args.classifier, args.data_dir)
         print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs "
               f"({time.time() - t0:.0f} s) -> {args.classifier}")
+        return
+    if args.table:
+        settings, methods = args.settings.split(","), args.methods.split(",")
+        bad = [s for s in settings if s not in SETTINGS] + [m for m in methods if m not in calibrate.METHODS]
+        if bad:
+            raise ValueError(f"unknown setting/method {bad}: settings {list(SETTINGS)}, methods {calibrate.METHODS}")
+        t0 = time.time()
+        table(args.ckpt, args.n, args.steps, args.cfg_scale, args.seed, settings, methods, args.table_out)
+        print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, cfg {args.cfg_scale})")
         return
     clf, ref, test_acc = load_classifier(args.classifier)
     print(f"classifier test accuracy {100 * test_acc:.2f}%")

@@ -156,6 +156,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("w_zero", None)
         self.lora_u = self.lora_v = None
         self.quantize_enabled = True
+        self.input_prescaled = False  # DiTAS: x / s already folded into the producing layer
         self.refresh_weight_quant()
 
     def refresh_weight_quant(self):
@@ -181,7 +182,7 @@ class QuantLinear(nn.Module):
             mu = self.mu_static
         if mu is not None:
             x = x - mu
-        if self.s is not None:
+        if self.s is not None and not self.input_prescaled:
             x = x / self.s
             mu = None if mu is None else mu / self.s
         if self.rotate:

@@ -5,7 +5,6 @@
     python sample.py --npz samples.npz        # also the raw uint8 samples, ADM-suite format
 """
 import argparse
-import math
 import sys
 import time
 
@@ -13,28 +12,19 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import calibrate
 import data
 import dit
-from diffusion import Diffusion, guided
+from diffusion import Diffusion, class_labels, guided, make_noise
 
-DEFAULT_CKPT = "checkpoints/dit_t4.pt"
+DEFAULT_CKPT = dit.DEFAULT_CKPT
+SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
+BEST_METHOD = {"w8a8": "smoothquant", "w4a8": "ditas", "w4a4": "hadanorm", "w4a3": "hadanorm"}  # README table
 
 
 #################################################################################
 #                                   Sampling                                    #
 #################################################################################
-
-def class_labels(n, classes):
-    """n labels cycling through `classes`: balanced, and the same for every model compared."""
-    return torch.tensor([classes[i % len(classes)] for i in range(n)], dtype=torch.long)
-
-
-def make_noise(n, model, seed):
-    """x_T for n samples from one seed; sample i's noise does not depend on n or the batch size."""
-    g = torch.Generator().manual_seed(seed)
-    size = model.x_embedder.img_size[0]
-    return torch.randn(n, model.in_channels, size, size, generator=g)  # (N, C, H, W)
-
 
 @torch.no_grad()
 def generate(model, labels, steps=50, cfg_scale=4.0, seed=0, sampler="ddim", eta=0.0, batch_size=250,
@@ -113,7 +103,29 @@ def get_args(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="samples.png", help="PNG grid to write")
     ap.add_argument("--npz", default=None, help="also write raw samples here (arr_0 uint8 NHWC, labels)")
+    q = ap.add_mutually_exclusive_group()
+    for name, (wb, ab) in SETTINGS.items():
+        q.add_argument(f"--{name}", dest="bits", action="store_const", const=name,
+                       help=f"{wb}-bit weights, {ab}-bit activations (default recipe: {BEST_METHOD[name]})")
+    ap.add_argument("--method", default=None, choices=calibrate.METHODS, help="PTQ recipe for the bit setting")
+    ap.add_argument("--qckpt", default=None, help="a saved quantized checkpoint (from calibrate.py --out)")
     return ap.parse_args(argv)
+
+
+def load_model(args):
+    """-> (model, description): FP, a saved quantized checkpoint, or FP quantized on the fly."""
+    if args.qckpt:
+        model, cfg, recipe = calibrate.load_quantized(args.qckpt)
+        return model, cfg, f"{recipe['method']} (loaded {args.qckpt})"
+    model, cfg = dit.load_checkpoint(args.ckpt)
+    if args.method and not args.bits:
+        raise ValueError("--method needs a bit setting (--w8a8, --w4a8, --w4a4 or --w4a3)")
+    if not args.bits:
+        return model, cfg, "fp32"
+    method = args.method or BEST_METHOD[args.bits]
+    t0 = time.time()
+    calibrate.quantize_fp(model, method, *SETTINGS[args.bits])
+    return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {time.time() - t0:.1f} s)"
 
 
 def main(argv=None):
@@ -123,7 +135,7 @@ def main(argv=None):
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     t0 = time.time()
-    model, cfg = dit.load_checkpoint(args.ckpt)
+    model, cfg, desc = load_model(args)
     if args.model and args.model != cfg["model"]:
         raise ValueError(f"{args.ckpt} holds a {cfg['model']} model, not {args.model}")
     classes = parse_classes(args.classes, model.num_classes) if args.classes else list(range(model.num_classes))
@@ -134,7 +146,7 @@ def main(argv=None):
     size = save_grid(images, labels, args.out)
     if args.npz:
         save_npz(images, labels, args.npz)
-    print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} fp32 | {args.sampler} "
+    print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | {args.sampler} "
           f"{args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s, "
           f"total {time.time() - t0:.1f} s" + (f" | npz {args.npz}" if args.npz else ""))
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import diffusion
 import dit
 import sample
 
@@ -35,12 +36,12 @@ def test_ddpm_and_class_selection(tmp_path, tiny_ckpt):
     sample.main(["--ckpt", tiny_ckpt, "--n", "4", "--steps", "2", "--sampler", "ddpm", "--classes", "7,3",
                  "--out", str(out)])
     assert out.exists()
-    assert sample.class_labels(5, [7, 3]).tolist() == [7, 3, 7, 3, 7]
+    assert diffusion.class_labels(5, [7, 3]).tolist() == [7, 3, 7, 3, 7]
 
 
 def test_noise_does_not_depend_on_batching(tiny_ckpt):
     m, _ = dit.load_checkpoint(tiny_ckpt)
-    labels = sample.class_labels(4, list(range(10)))
+    labels = diffusion.class_labels(4, list(range(10)))
     a = sample.generate(m, labels, steps=2, cfg_scale=2.0, batch_size=4)
     b = sample.generate(m, labels, steps=2, cfg_scale=2.0, batch_size=2)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -1,0 +1,292 @@
+"""Data-free post-training quantization: statistics from the FP model's own sampling, then a recipe.
+
+Recipes (DESIGN §5), all built on the one `QuantLinear`:
+    rtn          quantize W and x directly
+    smoothquant  x / s, W diag(s), s_j = max|x_j|^α / max|W_:,j|^(1-α)
+    hadamard     x Hᵀ online, W Hᵀ offline (QuaRot-style, per linear: adaLN blocks a residual rotation)
+    hadanorm     ((x − μ) / s) Hᵀ with μ the per-sample token mean (dynamic), s from the centred range
+                 ablations: hadanorm-nomean, hadanorm-static (calibrated μ), hadanorm-noscale
+    ditas        temporal-aggregated max, per-layer α grid search on output MSE, s folded into adaLN
+                 (qkv, fc1) and V rows (proj), fc2 online; weight LoRA by alternating quantize / SVD
+
+    python calibrate.py --method hadanorm --wbits 4 --abits 4 --out checkpoints/dit_t4_hadanorm_w4a4.pt
+"""
+import argparse
+import sys
+import time
+
+import torch
+from tqdm import tqdm
+
+import dit
+import quant
+from quant import QConfig, QuantLinear
+from diffusion import Diffusion, class_labels, guided, make_noise
+
+METHODS = ("rtn", "smoothquant", "hadamard", "hadanorm", "hadanorm-nomean", "hadanorm-static",
+           "hadanorm-noscale", "ditas")
+
+
+#################################################################################
+#                       Statistics from the model's own sampling                #
+#################################################################################
+
+@torch.no_grad()
+def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_rows=4):
+    """Runs DDIM from fixed noise and records, for every quantized layer's input x (B, T, K):
+    absmax[k] per step (temporal), per-channel mean, the range after per-sample centering, and a
+    few whole inputs at `keep` spread-out steps (for α search and SQNR). Streams: no full history."""
+    layers = quant.quant_layers(model)
+    stats = {name: {"absmax_t": [], "sum": 0, "count": 0, "cabsmax": None, "samples": []} for name, *_ in layers}
+    keep_at = set(torch.linspace(0, steps - 1, keep).round().long().tolist())
+    state = {"i": 0}
+
+    def hook(name):
+        def fn(mod, inp):
+            x = inp[0].float()  # (B, T, K)
+            st = stats[name]
+            st["absmax_t"].append(x.abs().amax(dim=(0, 1)))
+            st["sum"] = st["sum"] + x.sum(dim=(0, 1))
+            st["count"] += x.shape[0] * x.shape[1]
+            c = (x - x.mean(dim=1, keepdim=True)).abs().amax(dim=(0, 1))
+            st["cabsmax"] = c if st["cabsmax"] is None else torch.maximum(st["cabsmax"], c)
+            if state["i"] in keep_at:
+                st["samples"].append(x[:keep_rows].clone())
+        return fn
+
+    handles = [lin.register_forward_pre_hook(hook(name)) for name, _, _, lin in layers]
+    diffusion = Diffusion.make(steps=steps)
+    labels = class_labels(n, list(range(model.num_classes)))
+    x = make_noise(n, model, seed)
+    fn = guided(model, labels, cfg_scale)
+    try:
+        for i in tqdm(range(steps)[::-1], desc="calibration sampling", leave=False, disable=None):
+            state["i"] = steps - 1 - i
+            x = diffusion.ddim_step(fn, x, i)
+    finally:
+        for h in handles:
+            h.remove()
+    for st in stats.values():
+        st["absmax_t"] = torch.stack(st["absmax_t"])  # (steps, K)
+        st["absmax"] = st["absmax_t"].amax(0)  # temporal aggregation: max over steps
+        st["mean"] = st.pop("sum") / st.pop("count")
+        st["samples"] = torch.cat(st["samples"])  # (keep * rows, T, K)
+    return stats
+
+
+#################################################################################
+#                                    Recipes                                    #
+#################################################################################
+
+def smooth_scale(act_max, w, alpha):
+    """SmoothQuant's s_j = a_j^α / max|W_:,j|^(1-α), guarded against zeros."""
+    a = act_max.clamp(min=1e-5)
+    wmax = w.abs().amax(0).clamp(min=1e-5)
+    return (a.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def layer_mse(lin, recipe_kw, samples, ref):
+    q = QuantLinear(lin, **recipe_kw)
+    return (q(samples) - ref).pow(2).mean().item()
+
+
+def lora_correct(q, rank, iters):
+    """Training-free weight LoRA: alternate Q = quant(W̃ − L), L = rank-r SVD of (W̃ − Q).
+    Scales stay those of W̃, so both half-steps are exact minimisers and the error
+    ‖W̃ − Q − L‖ (returned per iteration) never increases."""
+    W = q.weight.detach().clone()
+    L = torch.zeros_like(W)
+    errs = []
+    for _ in range(iters):
+        q.weight.data = W - L
+        Q = q.qweight()  # nearest levels of W̃ − L on the fixed grid
+        U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
+        L = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+        errs.append((W - Q - L).norm().item())
+    q.set_lora(U[:, :rank] * S[:rank], Vh[:rank])  # weight stays W̃ − L_prev, whose levels are Q
+    return errs
+
+
+def fold_ditas(model, scales):
+    """Folds x / s into the producer where exact: adaLN shift/scale rows (qkv, fc1), V rows (proj).
+    Afterwards those layers receive pre-scaled inputs; fc2 (after GELU) must divide online."""
+    for i, blk in enumerate(model.blocks):
+        D = blk.attn.qkv.in_features
+        ada = blk.adaLN_modulation[1]  # rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        for name, (sh, sc) in ((f"blocks.{i}.attn.qkv", (0, 1)), (f"blocks.{i}.mlp.fc1", (3, 4))):
+            s = scales[name]
+            rs, rc = slice(sh * D, (sh + 1) * D), slice(sc * D, (sc + 1) * D)
+            # modulate: n (1 + scale) + shift;  divided by s: n (1 + scale') + shift' with
+            # shift' = shift / s and 1 + scale' = (1 + scale) / s  ->  scale' = scale / s + 1 / s - 1
+            ada.weight.data[rs] /= s[:, None]
+            ada.bias.data[rs] /= s
+            ada.weight.data[rc] /= s[:, None]
+            ada.bias.data[rc] = ada.bias.data[rc] / s + 1 / s - 1
+        s = scales[f"blocks.{i}.attn.proj"]  # attention output channel j is a mix of V channel j only
+        blk.attn.qkv.weight.data[2 * D:] /= s[:, None]
+        blk.attn.qkv.bias.data[2 * D:] /= s
+
+
+def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lora_iters=10, block=None):
+    """-> recipe dict for `quant.quantize_model` (DiTAS also folds into `model` in place)."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    wq = QConfig(wbits, range="mse") if wbits < 16 else None
+    aq = QConfig(abits) if abits < 16 else None
+    recipe = {"method": method, "wq": wq, "aq": aq, "block": block, "alpha": alpha}
+    lins = {name: lin for name, _, _, lin in quant.quant_layers(model)}
+    if method == "smoothquant":
+        recipe["scales"] = {n: smooth_scale(stats[n]["absmax"], lins[n].weight, alpha) for n in lins}
+    if method == "hadamard":
+        recipe["rotate"] = True
+    if method.startswith("hadanorm"):
+        recipe["rotate"] = True
+        recipe["center"] = {"hadanorm-nomean": "none", "hadanorm-static": "static"}.get(method, "dynamic")
+        if method != "hadanorm-noscale":
+            key = "absmax" if method == "hadanorm-nomean" else "cabsmax"
+            recipe["scales"] = {n: smooth_scale(stats[n][key], lins[n].weight, alpha) for n in lins}
+        if method == "hadanorm-static":
+            recipe["means"] = {n: stats[n]["mean"] for n in lins}
+    if method == "ditas":
+        scales, alphas = {}, {}
+        for n, lin in tqdm(lins.items(), desc="DiTAS α search", leave=False, disable=None):
+            x = stats[n]["samples"]
+            ref = lin(x)
+            wq_lin = quant.fake_quant(lin.weight.detach(), wq) if wq else lin.weight.detach()
+            best = None
+            for a in torch.linspace(0, 1, 21).tolist():
+                s = smooth_scale(stats[n]["absmax"], wq_lin, a)
+                err = layer_mse(lin, dict(wq=wq, aq=aq, scale=s), x, ref)
+                if best is None or err < best[0]:
+                    best = (err, a, s)
+            alphas[n], scales[n] = best[1], best[2]
+        fold_ditas(model, scales)
+        recipe.update(scales=scales, alphas=alphas, prescaled=[n for n in lins if not n.endswith("fc2")],
+                      lora_rank=lora_rank, lora_iters=lora_iters)
+    return recipe
+
+
+def apply_recipe(model, recipe):
+    """quantize_model + the DiTAS extras (pre-scaled inputs, LoRA). Returns LoRA error traces."""
+    quant.quantize_model(model, recipe)
+    traces = {}
+    for name, _, _, q in quant.quant_layers(model):
+        if name in recipe.get("prescaled", []):
+            q.input_prescaled = True
+        if recipe.get("lora_rank") and q.wq is not None:
+            traces[name] = lora_correct(q, recipe["lora_rank"], recipe["lora_iters"])
+    return traces
+
+
+#################################################################################
+#                                 Reporting                                     #
+#################################################################################
+
+def sqnr(ref, x):
+    return (10 * torch.log10(ref.pow(2).mean() / (x - ref).pow(2).mean().clamp(min=1e-20))).item()
+
+
+@torch.no_grad()
+def layer_report(fp_model, q_model, stats):
+    """Per layer: SQNR of the quantized activations (raw vs transformed) and of the layer output."""
+    fp = {n: lin for n, _, _, lin in quant.quant_layers(fp_model)}
+    rows = []
+    for name, _, _, q in quant.quant_layers(q_model):
+        x = stats[name]["samples"]
+        ref = fp[name](x)
+        proj = q_model.get_submodule(name.replace("qkv", "proj"))
+        if name.endswith("qkv") and getattr(proj, "input_prescaled", False):
+            D = x.shape[-1]
+            ref[..., 2 * D:] /= proj.s  # DiTAS folded proj's 1/s into the V rows: compare like with like
+        xin = x / q.s if getattr(q, "input_prescaled", False) else x
+        xt, _ = q.transform_input(xin)
+        a_raw = sqnr(x, quant.fake_quant(x, q.aq)) if q.aq else float("inf")
+        a_t = sqnr(xt, quant.fake_quant(xt, q.aq)) if q.aq else float("inf")
+        rows.append((name, a_raw, a_t, sqnr(ref, q(xin))))
+    return rows
+
+
+def save_quantized(path, model, cfg, recipe, calib):
+    """A quantized checkpoint: the simulated model's state (float fake-quant weights) + its recipe."""
+    import os
+    ser = {k: (v.__dict__.copy() if isinstance(v, QConfig) else v) for k, v in recipe.items()}
+    tmp = path + ".tmp"
+    torch.save({"config": dict(cfg), "recipe": ser, "calibration": calib,
+                "model": {k: v for k, v in model.state_dict().items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_quantized(path):
+    """Rebuilds a quantized model saved by `save_quantized` (no calibration needed)."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"quantized checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read quantized checkpoint {path}: {type(e).__name__}") from None
+    if not isinstance(ck, dict) or "recipe" not in ck:
+        raise ValueError(f"{path} is not a quantized dit4bit checkpoint (no recipe)")
+    cfg = dict(ck["config"])
+    recipe = dict(ck["recipe"])
+    for k in ("wq", "aq"):
+        recipe[k] = None if recipe[k] is None else QConfig(**recipe[k])
+    model = dit.build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
+    quant.quantize_model(model, recipe)
+    for name, _, _, q in quant.quant_layers(model):
+        q.input_prescaled = name in recipe.get("prescaled", [])
+        if recipe.get("lora_rank") and q.wq is not None:
+            r = recipe["lora_rank"]
+            q.set_lora(torch.zeros(q.out_features, r), torch.zeros(r, q.in_features))
+    dit.load_state_dict_checked(model, ck["model"], path)
+    return model.eval(), cfg, recipe
+
+
+def quantize_fp(model, method, wbits, abits, calib_n=16, calib_steps=25, seed=1234, **kw):
+    """FP model -> quantized model (in place), the whole data-free pipeline. Returns the recipe."""
+    stats = collect_stats(model, calib_n, calib_steps, seed=seed)
+    recipe = build_recipe(model, stats, method, wbits, abits, **kw)
+    apply_recipe(model, recipe)
+    return recipe
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Calibrate (data-free) and quantize the DiT with one PTQ recipe.")
+    ap.add_argument("--ckpt", default=dit.DEFAULT_CKPT)
+    ap.add_argument("--method", default="hadanorm", help=f"one of {', '.join(METHODS)}")
+    ap.add_argument("--wbits", type=int, default=4)
+    ap.add_argument("--abits", type=int, default=4)
+    ap.add_argument("--alpha", type=float, default=0.5, help="smoothing exponent (smoothquant, hadanorm)")
+    ap.add_argument("--lora-rank", type=int, default=8, help="DiTAS weight LoRA rank (0 = off)")
+    ap.add_argument("--lora-iters", type=int, default=10)
+    ap.add_argument("--calib-n", type=int, default=16, help="images sampled for calibration")
+    ap.add_argument("--calib-steps", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--out", default=None, help="write the quantized checkpoint here")
+    args = ap.parse_args(argv)
+    for b in (args.wbits, args.abits):
+        if b != 16 and not 2 <= b <= 8:
+            raise ValueError(f"unsupported bit width {b}: choose 2..8 (or 16 = float)")
+    t0 = time.time()
+    model, cfg = dit.load_checkpoint(args.ckpt)  # refuses an already-quantized checkpoint
+    fp, _ = dit.load_checkpoint(args.ckpt)
+    stats = collect_stats(model, args.calib_n, args.calib_steps, seed=args.seed)
+    recipe = build_recipe(model, stats, args.method, args.wbits, args.abits, args.alpha, args.lora_rank,
+                          args.lora_iters)
+    apply_recipe(model, recipe)
+    dt = time.time() - t0
+    print(f"{'layer':22s} {'act SQNR raw':>12s} {'act SQNR transf.':>16s} {'out SQNR':>9s}  (dB)")
+    for name, a, b, o in layer_report(fp, model, stats):
+        print(f"{name:22s} {a:12.2f} {b:16.2f} {o:9.2f}")
+    print(f"{args.method} W{args.wbits}A{args.abits}: calibrated in {dt:.1f} s "
+          f"({args.calib_n} images x {args.calib_steps} steps)")
+    if args.out:
+        save_quantized(args.out, model, cfg, recipe, vars(args))
+        print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

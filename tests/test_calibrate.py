@@ -1,0 +1,106 @@
+"""calibrate.py: recipes are exact transforms, DiTAS folding == online smoothing, LoRA, checkpoints."""
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import calibrate
+import dit
+import quant
+from quant import QConfig, QuantLinear
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_tiny(depth=2, seed=0):
+    torch.manual_seed(seed)
+    m = dit.build(dit.TINY, depth=depth).eval()
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    return m
+
+
+def inputs():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(2, 1, 32, 32, generator=g), torch.tensor([10, 800]), torch.tensor([3, 7])
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return calibrate.collect_stats(random_tiny(), n=2, steps=3, keep=2, keep_rows=2)
+
+
+def test_collect_stats_shapes(stats):
+    st = stats["blocks.1.mlp.fc2"]
+    assert st["absmax_t"].shape == (3, 768) and st["absmax"].shape == (768,)
+    assert torch.equal(st["absmax"], st["absmax_t"].amax(0))  # temporal aggregation
+    assert st["samples"].shape == (4, 64, 768)  # 2 kept steps x 2 rows, (T, K)
+    assert (st["cabsmax"] > 0).all()
+
+
+@pytest.mark.parametrize("method", calibrate.METHODS)
+def test_every_recipe_is_exact_with_quantization_off(method, stats):
+    fp, m = random_tiny(), random_tiny()
+    recipe = calibrate.build_recipe(m, stats, method, 4, 4, lora_rank=0)
+    calibrate.apply_recipe(m, recipe)
+    quant.set_quantization(m, False)
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, t, y), fp(x, t, y), atol=1e-5, rtol=1e-4)
+
+
+def test_ditas_folding_equals_online_smoothing():
+    fp, folded = random_tiny(), random_tiny()
+    g = torch.Generator().manual_seed(2)
+    scales = {n: torch.rand(lin.in_features, generator=g) + 0.3 for n, _, _, lin in quant.quant_layers(fp)}
+    calibrate.fold_ditas(folded, scales)
+    online = copy.deepcopy(fp)
+    recipe = {"scales": scales}
+    quant.quantize_model(online, recipe)  # divides by s online in every layer
+    quant.quantize_model(folded, recipe)
+    for name, _, _, q in quant.quant_layers(folded):
+        q.input_prescaled = not name.endswith("fc2")  # fc2 follows GELU: no producer to fold into
+    x, t, y = inputs()
+    with torch.no_grad():
+        ref = fp(x, t, y)
+        torch.testing.assert_close(online(x, t, y), ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(folded(x, t, y), ref, atol=1e-5, rtol=1e-4)
+    # the fold really moved the scale: the folded adaLN differs from the original
+    assert not torch.allclose(folded.blocks[0].adaLN_modulation[1].bias, fp.blocks[0].adaLN_modulation[1].bias)
+
+
+def test_lora_reduces_the_weight_error_monotonically():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(192, 256)
+    lin.weight.data += 0.3 * torch.randn(256, 4) @ torch.randn(4, 192) / 4  # some low-rank structure
+    q = QuantLinear(lin, QConfig(4), None)
+    W = q.weight.detach().clone()
+    start = (W - q.qweight()).norm().item()
+    errs = calibrate.lora_correct(q, rank=8, iters=10)
+    assert all(b <= a + 1e-6 for a, b in zip(errs, errs[1:]))
+    assert errs[-1] < 0.9 * start
+    eff = q.qweight() + q.lora_u @ q.lora_v  # what the layer applies
+    assert abs((W - eff).norm().item() - errs[-1]) < 1e-4
+
+
+def test_quantized_checkpoint_round_trip(tmp_path, tiny_ckpt):
+    path = str(tmp_path / "q.pt")
+    calibrate.main(["--ckpt", tiny_ckpt, "--method", "ditas", "--wbits", "4", "--abits", "8", "--calib-n", "2",
+                    "--calib-steps", "2", "--lora-rank", "4", "--lora-iters", "2", "--out", path])
+    m, cfg, recipe = calibrate.load_quantized(path)
+    assert recipe["method"] == "ditas" and recipe["wq"].bits == 4 and recipe["aq"].bits == 8
+    ref = torch.load(path, weights_only=True)["model"]
+    assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="already-quantized"):
+        calibrate.main(["--ckpt", path])
+
+
+@pytest.mark.parametrize("args,msg", [(["--method", "gptq"], "unknown method"), (["--abits", "1"], "unsupported bit width")])
+def test_bad_input_exits_2(tiny_ckpt, args, msg):
+    r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", tiny_ckpt, "--calib-n", "2", "--calib-steps", "2", *args],
+                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
