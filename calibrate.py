@@ -206,6 +206,46 @@ def layer_report(fp_model, q_model, stats):
     return rows
 
 
+def plot_ranges(model, stats, path, block=None, alpha=0.5):
+    """PNG: per-channel range (min..max, grey bars) and a value histogram (log counts) of one fc1 and
+    one fc2 input of a middle block: raw, after SmoothQuant, after Hadamard, after HadaNorm."""
+    from PIL import Image, ImageDraw, ImageFont
+    block = len(model.blocks) // 2 if block is None else block
+    lins = {n: lin for n, _, _, lin in quant.quant_layers(model)}
+    names = [f"blocks.{block}.mlp.fc1", f"blocks.{block}.mlp.fc2"]
+    cols = [("raw", {}), ("SmoothQuant", {"scale": "absmax"}), ("Hadamard", {"rotate": True}),
+            ("HadaNorm", {"rotate": True, "center": "dynamic", "scale": "cabsmax"})]
+    W, H, pad = 300, 240, 28
+    img = Image.new("RGB", (pad + len(cols) * (W + pad), pad + len(names) * (H + pad) + 10), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    for r, name in enumerate(names):
+        x = stats[name]["samples"]  # (B, T, K)
+        for c, (title, kw) in enumerate(cols):
+            kw = dict(kw)
+            if "scale" in kw:
+                kw["scale"] = smooth_scale(stats[name][kw["scale"]], lins[name].weight, alpha)
+            xt, _ = QuantLinear(lins[name], **kw).transform_input(x)
+            xt = xt.reshape(-1, xt.shape[-1])  # (rows, K)
+            x0, y0 = pad + c * (W + pad), pad + r * (H + pad)
+            lim = xt.abs().max().item()
+            top, bot = H * 0.6, H * 0.35  # range panel, histogram panel
+            d.rectangle([x0, y0, x0 + W, y0 + H], outline="black")
+            d.text((x0 + 4, y0 - 14), f"{name.split('.', 2)[2]} in, {title}: max|x| {lim:.1f}", fill="black", font=font)
+            lo, hi, K = xt.amin(0), xt.amax(0), xt.shape[1]
+            for k in range(K):  # one vertical bar per channel, min..max
+                px = x0 + 1 + k * (W - 2) / K
+                ya, yb = y0 + top / 2 * (1 - hi[k].item() / lim), y0 + top / 2 * (1 - lo[k].item() / lim)
+                d.line([px, ya, px, yb], fill=(90, 90, 90))
+            d.line([x0, y0 + top / 2, x0 + W, y0 + top / 2], fill="red")
+            hist = torch.histc(xt, bins=60, min=-lim, max=lim).clamp(min=1).log()
+            for i, v in enumerate(hist.tolist()):
+                bx = x0 + i * W / 60
+                d.rectangle([bx, y0 + H - bot * v / hist.max().item(), bx + W / 60 - 1, y0 + H], fill=(40, 90, 160))
+    d.text((pad, img.height - 16), "grey: per-channel min..max (channel index ->), blue: histogram of all values "
+           "(log count); scale = each panel's own max|x|", fill="black", font=font)
+    img.save(path)
+
+
 def save_quantized(path, model, cfg, recipe, calib):
     """A quantized checkpoint: the simulated model's state (float fake-quant weights) + its recipe."""
     import os
@@ -262,6 +302,7 @@ def main(argv=None):
     ap.add_argument("--calib-steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=None, help="write the quantized checkpoint here")
+    ap.add_argument("--plot", default=None, help="write the activation-range picture (PNG) here and stop")
     args = ap.parse_args(argv)
     for b in (args.wbits, args.abits):
         if b != 16 and not 2 <= b <= 8:
@@ -270,6 +311,10 @@ def main(argv=None):
     model, cfg = dit.load_checkpoint(args.ckpt)  # refuses an already-quantized checkpoint
     fp, _ = dit.load_checkpoint(args.ckpt)
     stats = collect_stats(model, args.calib_n, args.calib_steps, seed=args.seed)
+    if args.plot:
+        plot_ranges(model, stats, args.plot, alpha=args.alpha)
+        print(f"wrote {args.plot}")
+        return
     recipe = build_recipe(model, stats, args.method, args.wbits, args.abits, args.alpha, args.lora_rank,
                           args.lora_iters)
     apply_recipe(model, recipe)
