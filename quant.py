@@ -128,6 +128,40 @@ def quantize(x, cfg, params=None):
 
 
 #################################################################################
+#                          Packed int4 storage                                   #
+#################################################################################
+
+# One layout, documented once: a uint8 holds two int4 values (two's complement nibbles) of
+# neighbouring positions along K: the LOW nibble is the EVEN index k, the HIGH nibble is k + 1.
+
+def pack_int4(q):
+    """int8 codes in [-8, 7], shape (..., K) with K even -> uint8 (..., K/2)."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"int4 packing needs an even K, got {q.shape[-1]}")
+    if q.dtype != torch.int8 or q.min() < -8 or q.max() > 7:
+        raise ValueError("int4 packing needs int8 codes in [-8, 7]")
+    u = (q.to(torch.int16) & 0xF).to(torch.uint8)  # two's complement nibbles
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(p):
+    """uint8 (..., K/2) -> int8 codes (..., K), sign-extended."""
+    if p.dtype != torch.uint8:
+        raise ValueError(f"packed int4 weights must be uint8, got {p.dtype}")
+    s = p.view(torch.int8)
+    lo = (s << 4) >> 4  # arithmetic shift sign-extends the low nibble  # important!
+    hi = s >> 4
+    return torch.stack([lo, hi], dim=-1).reshape(*p.shape[:-1], 2 * p.shape[-1])
+
+
+def quantize_tokens(x, bits):
+    """Dynamic symmetric per-token quantization -> (int8 codes (M, K), float scales (M, 1))."""
+    qmax = 2 ** (bits - 1) - 1
+    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-12)
+    return torch.clamp((x / s).round(), -qmax - 1, qmax).to(torch.int8), s
+
+
+#################################################################################
 #                                 QuantLinear                                    #
 #################################################################################
 
@@ -191,12 +225,51 @@ class QuantLinear(nn.Module):
         return x, mu
 
     def forward(self, x):
+        if self.weight is None:
+            return self.forward_int(x)
         xt, mu = self.transform_input(x)  # (N, T, K)
         xq = fake_quant(xt, self.aq) if self.quantize_enabled else xt
         if mu is not None:
             xq = xq + mu  # μ̃ shares Q(W̃): y = (Q(x̃) + μ̃) Q(W̃)ᵀ
         y = nn.functional.linear(xq, self.qweight(), self.bias)  # (N, T, N_out)
         if self.lora_u is not None:  # float branch on the unquantized transformed input
+            xf = xt if mu is None else xt + mu
+            y = y + (xf @ self.lora_v.T) @ self.lora_u.T
+        return y
+
+    # --- integer execution -------------------------------------------------------------------
+    def to_integer(self):
+        """Freezes the layer for integer execution: packs the weight codes, frees the float weight."""
+        wq, aq = self.wq, self.aq
+        if wq is None or aq is None or not (wq.symmetric and aq.symmetric) or wq.granularity != "row" \
+                or aq.granularity != "row" or aq.range != "minmax":
+            raise ValueError("the integer path needs symmetric per-channel weights and dynamic per-token "
+                             "symmetric min-max activations")
+        q, _, _ = quantize(self.weight, wq, (self.w_scale, self.w_zero))  # (N, K) int8 codes
+        self.register_buffer("w_int", pack_int4(q) if wq.bits <= 4 else q)
+        self.w_bits = wq.bits
+        del self.weight  # important! no float copy of W remains
+        self.weight = None
+        return self
+
+    def int_weight(self):
+        """(N, K) int8 codes of the weight (unpacked from two-per-byte storage for <= 4 bits)."""
+        return unpack_int4(self.w_int) if self.w_bits <= 4 else self.w_int
+
+    def forward_int(self, x):
+        """x̃ -> int codes per token -> _int_mm (int8 x int8 -> int32) -> dequantise with s_tok ⊗ s_ch."""
+        xt, mu = self.transform_input(x)  # (N, T, K)
+        lead = xt.shape[:-1]
+        xq, sx = quantize_tokens(xt.reshape(-1, self.in_features), self.aq.bits)  # (M, K) int8, (M, 1)
+        W = self.int_weight()  # (N_out, K) int8
+        acc = torch._int_mm(xq, W.T)  # (M, N_out) int32, exact
+        y = acc.float() * sx * self.w_scale.view(1, -1)  # per-token x per-channel scales
+        if mu is not None:  # HadaNorm mean term against the quantized weight: one row per sample
+            y = y.reshape(*lead, -1) + mu @ (W.float() * self.w_scale).T
+        y = y.reshape(*lead, -1)
+        if self.bias is not None:
+            y = y + self.bias
+        if self.lora_u is not None:
             xf = xt if mu is None else xt + mu
             y = y + (xf @ self.lora_v.T) @ self.lora_u.T
         return y
@@ -241,6 +314,14 @@ def set_quantization(model, enabled):
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.quantize_enabled = enabled
+
+
+def to_integer(model):
+    """Switches every QuantLinear of a model to the packed integer path."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.to_integer()
+    return model
 
 
 def main():

@@ -104,3 +104,17 @@ def test_bad_input_exits_2(tiny_ckpt, args, msg):
     r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", tiny_ckpt, "--calib-n", "2", "--calib-steps", "2", *args],
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("method,bits", [("rtn", (8, 8)), ("hadamard", (4, 4)), ("hadanorm", (4, 4)), ("ditas", (4, 8))])
+def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
+    m = random_tiny()
+    recipe = calibrate.build_recipe(m, stats, method, *bits, lora_rank=4, lora_iters=3)
+    calibrate.apply_recipe(m, recipe)
+    x, t, y = inputs()
+    with torch.no_grad():
+        sim = m(x, t, y)
+        quant.to_integer(m)
+        out = m(x, t, y)
+    rel = ((out - sim).abs().max() / sim.abs().max()).item()
+    assert rel < 1e-4, rel

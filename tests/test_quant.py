@@ -115,3 +115,47 @@ def test_quantized_tiny_model_with_quantization_off_equals_fp():
         torch.testing.assert_close(m(x, t, y), ref, atol=1e-5, rtol=1e-4)
         quant.set_quantization(m, True)
         assert not torch.allclose(m(x, t, y), ref, atol=1e-3)
+
+
+# --- integer path -------------------------------------------------------------------------------
+
+def test_pack_unpack_round_trip_every_int4_value():
+    q = torch.arange(-8, 8, dtype=torch.int8).repeat(5, 3)[:, :46]  # odd rows, K = 46
+    p = quant.pack_int4(q)
+    assert p.dtype == torch.uint8 and p.shape == (5, 23)
+    assert torch.equal(quant.unpack_int4(p), q)
+    assert quant.pack_int4(torch.tensor([[1, -1]], dtype=torch.int8)).item() == 0xF1  # low nibble = even k
+    with pytest.raises(ValueError, match="even K"):
+        quant.pack_int4(torch.zeros(2, 5, dtype=torch.int8))
+    with pytest.raises(ValueError, match="uint8"):
+        quant.unpack_int4(p.to(torch.int16))
+    with pytest.raises(ValueError, match=r"\[-8, 7\]"):
+        quant.pack_int4(torch.full((1, 2), 9, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 8), (4, 4)])
+@pytest.mark.parametrize("kw", [dict(), dict(rotate=True), dict(rotate=True, center="dynamic", scale="s")])
+def test_integer_path_equals_simulation(bits, kw):
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 96)
+    x = torch.randn(2, 16, 192) + torch.randn(192)
+    kw = dict(kw)
+    if kw.get("scale") == "s":
+        kw["scale"] = torch.rand(192) + 0.5
+    q = QuantLinear(lin, QConfig(bits[0], range="mse"), QConfig(bits[1]), **kw)
+    xt, _ = q.transform_input(x)
+    codes_sim, _, _ = quant.quantize(xt.reshape(-1, 192), q.aq)
+    w_sim = q.qweight().clone()
+    y_sim = q(x)
+    q.to_integer()
+    assert q.weight is None and q.w_int.dtype == (torch.uint8 if bits[0] == 4 else torch.int8)
+    codes_int, _ = quant.quantize_tokens(xt.reshape(-1, 192), bits[1])
+    assert torch.equal(codes_int, codes_sim)  # the very same integers
+    torch.testing.assert_close(q.int_weight().float() * q.w_scale, w_sim, atol=1e-6, rtol=0)
+    torch.testing.assert_close(q(x), y_sim, atol=1e-5, rtol=1e-5)
+
+
+def test_integer_path_refuses_unsupported_quantizers():
+    q = QuantLinear(nn.Linear(64, 32), QConfig(4, granularity="group", group_size=32), QConfig(4))
+    with pytest.raises(ValueError, match="integer path"):
+        q.to_integer()
