@@ -247,12 +247,16 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
 
 
 def save_quantized(path, model, cfg, recipe, calib):
-    """A quantized checkpoint: the simulated model's state (float fake-quant weights) + its recipe."""
+    """A quantized checkpoint. Integer models store packed int4 (uint8) / int8 weight codes with fp32
+    scales; the layers kept in float are stored in fp16 (as the FP checkpoint)."""
     import os
     ser = {k: (v.__dict__.copy() if isinstance(v, QConfig) else v) for k, v in recipe.items()}
+    ser["integer"] = any(isinstance(m, QuantLinear) and m.weight is None for m in model.modules())
+    qnames = {n for n, *_ in quant.quant_layers(model)}
+    sd = {k: (v.half() if v.is_floating_point() and k.rsplit(".", 1)[0] not in qnames else v)
+          for k, v in model.state_dict().items()}
     tmp = path + ".tmp"
-    torch.save({"config": dict(cfg), "recipe": ser, "calibration": calib,
-                "model": {k: v for k, v in model.state_dict().items()}}, tmp)
+    torch.save({"config": dict(cfg), "recipe": ser, "calibration": calib, "model": sd}, tmp)
     os.replace(tmp, path)
 
 
@@ -277,7 +281,14 @@ def load_quantized(path):
         if recipe.get("lora_rank") and q.wq is not None:
             r = recipe["lora_rank"]
             q.set_lora(torch.zeros(q.out_features, r), torch.zeros(r, q.in_features))
-    dit.load_state_dict_checked(model, ck["model"], path)
+    if recipe.get("integer"):
+        quant.to_integer(model)
+    sd = ck["model"]
+    for k, v in model.state_dict().items():  # a corrupted packed tensor fails here, not in a matmul
+        if k in sd and (sd[k].dtype in (torch.uint8, torch.int8) or v.dtype in (torch.uint8, torch.int8)) \
+                and (sd[k].dtype != v.dtype or sd[k].shape != v.shape):
+            raise ValueError(f"{path}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, expected {v.dtype} {tuple(v.shape)}")
+    dit.load_state_dict_checked(model, sd, path)
     return model.eval(), cfg, recipe
 
 

@@ -5,6 +5,7 @@
     python sample.py --npz samples.npz        # also the raw uint8 samples, ADM-suite format
 """
 import argparse
+import os
 import sys
 import time
 
@@ -15,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 import calibrate
 import data
 import dit
+import quant
 from diffusion import Diffusion, class_labels, guided, make_noise
 
 DEFAULT_CKPT = dit.DEFAULT_CKPT
@@ -108,24 +110,59 @@ def get_args(argv=None):
         q.add_argument(f"--{name}", dest="bits", action="store_const", const=name,
                        help=f"{wb}-bit weights, {ab}-bit activations (default recipe: {BEST_METHOD[name]})")
     ap.add_argument("--method", default=None, choices=calibrate.METHODS, help="PTQ recipe for the bit setting")
-    ap.add_argument("--qckpt", default=None, help="a saved quantized checkpoint (from calibrate.py --out)")
+    ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the cached one "
+                    "beside --ckpt (created by calibrating on the first run)")
+    ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead of the integer path")
     return ap.parse_args(argv)
 
 
+def quantized_path(ckpt, setting, method):
+    """Where the packed quantized model of `ckpt` is cached: beside it, named by setting and recipe."""
+    return f"{ckpt[:-3] if ckpt.endswith('.pt') else ckpt}_{setting}_{method}.pt"
+
+
+def file_sha256(path):
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def load_model(args):
-    """-> (model, description): FP, a saved quantized checkpoint, or FP quantized on the fly."""
-    if args.qckpt:
-        model, cfg, recipe = calibrate.load_quantized(args.qckpt)
-        return model, cfg, f"{recipe['method']} (loaded {args.qckpt})"
-    model, cfg = dit.load_checkpoint(args.ckpt)
+    """-> (model, config, description): FP; a quantized checkpoint (integer path); or FP quantized now."""
     if args.method and not args.bits:
         raise ValueError("--method needs a bit setting (--w8a8, --w4a8, --w4a4 or --w4a3)")
-    if not args.bits:
+    if args.simulate and not args.bits:
+        raise ValueError("--simulate needs a bit setting (--w8a8, --w4a8, --w4a4 or --w4a3)")
+    if args.qckpt and args.simulate:
+        raise ValueError("--simulate calibrates from the FP checkpoint; a packed --qckpt has no float "
+                         "weights or calibration statistics to simulate from")
+    if not args.bits and not args.qckpt:
+        model, cfg = dit.load_checkpoint(args.ckpt)
         return model, cfg, "fp32"
-    method = args.method or BEST_METHOD[args.bits]
+    method = args.method or BEST_METHOD.get(args.bits)
+    path = args.qckpt or quantized_path(args.ckpt, args.bits, method)
+    stale = False
+    if not args.qckpt and os.path.exists(path) and os.path.exists(args.ckpt):  # cache made from this FP file?
+        calib = torch.load(path, map_location="cpu", weights_only=True).get("calibration", {})
+        stale = calib.get("fp_sha256") != file_sha256(args.ckpt)
+    if not args.simulate and os.path.exists(path) and not stale:
+        model, cfg, recipe = calibrate.load_quantized(path)
+        if args.bits and (recipe["method"] != method or (recipe["wq"].bits, recipe["aq"].bits) != SETTINGS[args.bits]):
+            raise ValueError(f"{path} holds {recipe['method']} W{recipe['wq'].bits}A{recipe['aq'].bits}, "
+                             f"not {method} {args.bits.upper()}")
+        path_kind = "integer" if recipe.get("integer") else "simulated"
+        return model, cfg, f"W{recipe['wq'].bits}A{recipe['aq'].bits} {recipe['method']} {path_kind} (loaded {path})"
+    if args.qckpt:
+        raise FileNotFoundError(f"quantized checkpoint not found: {path}")
+    model, cfg = dit.load_checkpoint(args.ckpt)
     t0 = time.time()
-    calibrate.quantize_fp(model, method, *SETTINGS[args.bits])
-    return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {time.time() - t0:.1f} s)"
+    recipe = calibrate.quantize_fp(model, method, *SETTINGS[args.bits])
+    dt = time.time() - t0
+    if args.simulate:
+        return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {dt:.1f} s)"
+    quant.to_integer(model)
+    calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": file_sha256(args.ckpt)})
+    return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
 
 
 def main(argv=None):

@@ -68,3 +68,48 @@ def test_missing_and_corrupt_checkpoints_exit_2(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--sampler", "heun")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+def test_w4a4_calibrates_once_then_loads_the_packed_checkpoint(tmp_path, tiny_ckpt, capsys):
+    out = str(tmp_path / "q.png")
+    base = ["--ckpt", tiny_ckpt, "--w4a4", "--n", "2", "--steps", "2", "--out", out]
+    sample.main(base)
+    first = capsys.readouterr().out
+    cache = sample.quantized_path(tiny_ckpt, "w4a4", sample.BEST_METHOD["w4a4"])
+    assert "integer (calibrated" in first and os.path.exists(cache)
+    png1 = open(out, "rb").read()
+    sample.main(base)
+    assert "integer (loaded" in capsys.readouterr().out and open(out, "rb").read() == png1
+    ck = torch.load(cache, weights_only=True)
+    assert ck["model"]["blocks.0.mlp.fc1.w_int"].dtype == torch.uint8  # packed, two int4 per byte
+    assert "blocks.0.mlp.fc1.weight" not in ck["model"]  # no float copy of a quantized weight
+    # a changed FP checkpoint makes the cache stale: calibrate again
+    fp = torch.load(tiny_ckpt, weights_only=True)
+    fp["step"] = 123
+    torch.save(fp, tiny_ckpt)
+    sample.main(base)
+    assert "integer (calibrated" in capsys.readouterr().out
+
+
+def test_simulate_agrees_with_integer(tmp_path, tiny_ckpt):
+    a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    sample.main(["--ckpt", tiny_ckpt, "--w4a8", "--method", "rtn", "--n", "2", "--steps", "2", "--out",
+                 str(tmp_path / "a.png"), "--npz", a])
+    sample.main(["--ckpt", tiny_ckpt, "--w4a8", "--method", "rtn", "--n", "2", "--steps", "2", "--simulate",
+                 "--out", str(tmp_path / "b.png"), "--npz", b])
+    diff = np.abs(np.load(a)["arr_0"].astype(int) - np.load(b)["arr_0"].astype(int))
+    assert diff.max() <= 1  # uint8 pixels: equal up to float rounding
+
+
+def test_quantized_bad_input_exit_2(tmp_path, tiny_ckpt):
+    r = run_cli("--ckpt", tiny_ckpt, "--w4a4", "--simulate", "--qckpt", tiny_ckpt)
+    assert r.returncode == 2 and "--simulate" in r.stderr
+    sample.main(["--ckpt", tiny_ckpt, "--w4a4", "--n", "2", "--steps", "1", "--out", str(tmp_path / "x.png")])
+    path = sample.quantized_path(tiny_ckpt, "w4a4", sample.BEST_METHOD["w4a4"])
+    ck = torch.load(path, weights_only=True)
+    ck["model"]["blocks.0.attn.qkv.w_int"] = ck["model"]["blocks.0.attn.qkv.w_int"].to(torch.int32)  # corrupt
+    torch.save(ck, tmp_path / "bad.pt")
+    r = run_cli("--qckpt", str(tmp_path / "bad.pt"), "--n", "2")
+    assert r.returncode == 2 and "w_int" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("--method", "rtn")
+    assert r.returncode == 2 and "needs a bit setting" in r.stderr
