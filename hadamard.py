@@ -4,8 +4,9 @@ A ±1 Hadamard matrix exists for orders 1, 2 and (conjecturally) every multiple 
 K·2^j with K in {1, 12, 36}: 384 = 12·32, 1152 = 36·32, head 72 = 36·2. We build H_K in code by
 Paley's constructions (no stored tables) and H_{2^j} by Sylvester, and H_n = H_K ⊗ H_{2^j}.
 
-The fast transform on the last axis is the O(n log n) butterfly over the 2^j part then one K×K
-matmul, normalised by 1/√n so it is orthogonal: `transform(x)` = x Hᵀ for row vectors x, and
+The fast transform on the last axis applies the Kronecker factors one at a time: the 2^j part as
+one or two small Sylvester matmuls (H_{2^j} = H_a ⊗ H_b), then one K×K matmul, normalised by 1/√n
+so it is orthogonal: `transform(x)` = x Hᵀ for row vectors x, and
 `transform(x, inverse=True)` = x H. H_K from Paley is not always symmetric, so the inverse is the
 transpose, not H itself.
 
@@ -103,16 +104,22 @@ def hadamard_matrix(n, dtype=torch.float32):
 #                              Fast transform                                    #
 #################################################################################
 
-def _butterfly(x):
-    """Unnormalised Walsh–Hadamard transform (Sylvester order) over the last axis, size 2^j."""
-    m = x.shape[-1]
-    h = 1
-    while h < m:
-        y = x.reshape(*x.shape[:-1], m // (2 * h), 2, h)
-        a, b = y[..., 0, :], y[..., 1, :]
-        x = torch.stack([a + b, a - b], dim=-2).reshape(*x.shape[:-1], m)
-        h *= 2
-    return x
+@functools.lru_cache(maxsize=None)
+def _sylvester_cached(m):
+    return sylvester(m)
+
+
+def _apply_sylvester(y, m):
+    """y H_m over the last axis (H_m symmetric). Sylvester matrices factor as H_m = H_m1 ⊗ H_m2, so
+    large m is two small dense matmuls: O(n (m1 + m2)) flops, and BLAS-fast, unlike a Python
+    butterfly of log2(m) elementwise passes (measured 2-4x slower here)."""
+    if m <= 128:
+        return y @ _sylvester_cached(m).to(y.dtype).to(y.device)
+    m1 = 2 ** (int(math.log2(m)) // 2)
+    m2 = m // m1
+    z = y.reshape(*y.shape[:-1], m1, m2) @ _sylvester_cached(m2).to(y.dtype).to(y.device)  # along m2
+    z = _sylvester_cached(m1).to(y.dtype).to(y.device) @ z  # along m1
+    return z.reshape(y.shape)
 
 
 def transform(x, inverse=False, block=None, signs=None):
@@ -132,7 +139,8 @@ def transform(x, inverse=False, block=None, signs=None):
     if signs is not None and not inverse:
         x = x * signs.to(x.dtype)
     y = x.reshape(*x.shape[:-1], n // b, K, m)  # (..., blocks, K, 2^j)
-    y = _butterfly(y)  # Sylvester part (symmetric, its own transpose)
+    if m > 1:
+        y = _apply_sylvester(y, m)  # Sylvester part (symmetric, its own transpose)
     if K > 1:
         HK = base_matrix(K).to(x.dtype).to(x.device)
         y = torch.matmul(HK.T if inverse else HK, y)  # (K, K) @ (..., K, 2^j)
