@@ -61,7 +61,19 @@ def int4_weight_only(w, device, group=32):
     return lambda x: torch._weight_int4pack_mm(x, packed, group, sz)
 
 
-def layer_rows(M, K, N, device, repeats, tokens_per_sample=256):
+def compiled_row(q, x, device, repeats, nbytes):
+    """The same integer layer through torch.compile (fuses quantise / unpack / dequantise); the
+    compile cost is paid once and reported. Without a working compiler: reported, eager is kept."""
+    t0 = time.time()
+    try:
+        f = torch.compile(q.forward_int)
+        f(x)
+    except Exception as e:  # no C++ compiler / unsupported backend: the eager path still works
+        return (f"W4A4 + HadaNorm, torch.compile (unavailable: {type(e).__name__})", float("nan"), nbytes)
+    return (f"W4A4 + HadaNorm, torch.compile (compile {time.time() - t0:.0f} s)", timeit(lambda: f(x), device, repeats), nbytes)
+
+
+def layer_rows(M, K, N, device, repeats, tokens_per_sample=256, compile=False):
     """All variants for one shape -> list of (name, seconds, weight bytes)."""
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(K, N, bias=False)
@@ -81,6 +93,8 @@ def layer_rows(M, K, N, device, repeats, tokens_per_sample=256):
         q = QuantLinear(lin, QConfig(wbits), QConfig(abits), **kw).to_integer().to(device)
         nbytes = q.w_int.numel() * q.w_int.element_size() + 4 * N
         rows.append((name, timeit(lambda: q(x32), device, repeats), nbytes))
+    if compile:
+        rows.append(compiled_row(q, x32, device, repeats, nbytes))
     try:
         f = int4_weight_only(lin.weight.data, device)
         rows.append(("W4A16 torch int4 kernel", timeit(lambda: f(xb.reshape(M, K)), device, repeats), N * K // 2 + 4 * N * K // 32))
@@ -144,6 +158,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="two shapes, few repeats, no XL forward (< 60 s)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (XL shapes, M=4096)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -157,7 +172,8 @@ def main(argv=None):
         shapes = [(64 * 160, k, n) for k, n in TINY_SHAPES] + [(m, k, n) for m in (512, 1024, 4096) for k, n in XL_SHAPES]
     t0 = time.time()
     for M, K, N in shapes:
-        print_layer_table(M, K, N, layer_rows(M, K, N, dev, repeats))
+        compile = not args.quick and not args.no_compile and M >= 4096 and K >= 1152
+        print_layer_table(M, K, N, layer_rows(M, K, N, dev, repeats, compile=compile))
     if not args.quick:
         print("\n**DiT-XL/2 forward, batch 2 x 256 tokens, random weights**\n\n| precision | median s | × vs fp32 | × vs bf16 |\n|---|---|---|---|")
         rows = xl_forward(dev, 3, args.quick)
