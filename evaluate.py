@@ -24,7 +24,7 @@ import calibrate
 import data
 import dit
 from diffusion import class_labels
-from sample import DEFAULT_CKPT, SETTINGS, generate
+from sample import DEFAULT_CKPT, SETTINGS, generate, psnr
 
 CLASSIFIER = "checkpoints/fm_classifier.pt"
 
@@ -143,12 +143,6 @@ def precision_recall(real, fake, k=3):
         return (torch.cdist(b, a) <= ra[None, :]).any(dim=1).float().mean().item()
     real, fake = real.double(), fake.double()
     return coverage(real, radii(real), fake), coverage(fake, radii(fake), real)
-
-
-def psnr(a, b):
-    """Mean per-image PSNR (dB) of [-1, 1] images, measured on the [0, 1] scale."""
-    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
-    return (10 * torch.log10(1 / mse)).mean().item()
 
 
 def score(images, labels, clf, ref, ref_images=None, seed=0):

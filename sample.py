@@ -72,6 +72,12 @@ def save_grid(images, labels, path, names=data.CLASSES, scale=2):
     return canvas.size
 
 
+def psnr(a, b):
+    """Mean per-image PSNR (dB) of [-1, 1] images, measured on the [0, 1] scale."""
+    mse = ((a - b) / 2).pow(2).flatten(1).mean(1).clamp(min=1e-10)
+    return (10 * torch.log10(1 / mse)).mean().item()
+
+
 def save_npz(images, labels, path):
     """ADM / DiT `sample_ddp.py` format: arr_0 uint8 (N, H, W, C), plus our labels."""
     np.savez(path, arr_0=data.to_uint8(images).numpy(), labels=labels.numpy())
@@ -113,6 +119,7 @@ def get_args(argv=None):
     ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the cached one "
                     "beside --ckpt (created by calibrating on the first run)")
     ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead of the integer path")
+    ap.add_argument("--compare-fp", action="store_true", help="also sample the FP model from the same noise; report PSNR")
     return ap.parse_args(argv)
 
 
@@ -180,12 +187,17 @@ def main(argv=None):
     t1 = time.time()
     images = generate(model, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta, progress=True)
     t2 = time.time()
+    cmp = ""
+    if args.compare_fp:
+        fp, _ = dit.load_checkpoint(args.ckpt)
+        ref = generate(fp, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta)
+        cmp = f" | PSNR vs FP {psnr(images, ref):.2f} dB"
     size = save_grid(images, labels, args.out)
     if args.npz:
         save_npz(images, labels, args.npz)
     print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | {args.sampler} "
           f"{args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s, "
-          f"total {time.time() - t0:.1f} s" + (f" | npz {args.npz}" if args.npz else ""))
+          f"total {time.time() - t0:.1f} s" + cmp + (f" | npz {args.npz}" if args.npz else ""))
 
 
 if __name__ == "__main__":

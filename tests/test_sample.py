@@ -91,6 +91,16 @@ def test_w4a4_calibrates_once_then_loads_the_packed_checkpoint(tmp_path, tiny_ck
     assert "integer (calibrated" in capsys.readouterr().out
 
 
+def test_compare_fp_reports_psnr_and_model_mismatch_is_refused(tmp_path, tiny_ckpt, capsys):
+    sample.main(["--ckpt", tiny_ckpt, "--w8a8", "--method", "rtn", "--n", "2", "--steps", "2", "--compare-fp",
+                 "--out", str(tmp_path / "c.png")])
+    out = capsys.readouterr().out
+    assert "W8A8 rtn integer" in out and "PSNR vs FP" in out
+    path = sample.quantized_path(tiny_ckpt, "w8a8", "rtn")
+    r = run_cli("--qckpt", path, "--model", "DiT-S/2", "--n", "2")
+    assert r.returncode == 2 and "not DiT-S/2" in r.stderr
+
+
 def test_simulate_agrees_with_integer(tmp_path, tiny_ckpt):
     a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
     sample.main(["--ckpt", tiny_ckpt, "--w4a8", "--method", "rtn", "--n", "2", "--steps", "2", "--out",
