@@ -37,7 +37,8 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
     absmax[k] per step (temporal), per-channel mean, the range after per-sample centering, and a
     few whole inputs at `keep` spread-out steps (for α search and SQNR). Streams: no full history."""
     layers = quant.quant_layers(model)
-    stats = {name: {"absmax_t": [], "sum": 0, "count": 0, "cabsmax": None, "samples": []} for name, *_ in layers}
+    stats = {name: {"absmax_t": [], "sum": 0, "count": 0, "cabsmax": None, "samples": [], "samples_t": []}
+             for name, *_ in layers}
     keep_at = set(torch.linspace(0, steps - 1, keep).round().long().tolist())
     state = {"i": 0}
 
@@ -52,6 +53,7 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
             st["cabsmax"] = c if st["cabsmax"] is None else torch.maximum(st["cabsmax"], c)
             if state["i"] in keep_at:
                 st["samples"].append(x[:keep_rows].clone())
+                st["samples_t"].append(torch.full((min(keep_rows, len(x)),), state["t"]))
         return fn
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, _, _, lin in layers]
@@ -61,7 +63,7 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
     fn = guided(model, labels, cfg_scale)
     try:
         for i in tqdm(range(steps)[::-1], desc="calibration sampling", leave=False, disable=None):
-            state["i"] = steps - 1 - i
+            state["i"], state["t"] = steps - 1 - i, int(diffusion.timestep_map[i])
             x = diffusion.ddim_step(fn, x, i)
     finally:
         for h in handles:
@@ -71,6 +73,7 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
         st["absmax"] = st["absmax_t"].amax(0)  # temporal aggregation: max over steps
         st["mean"] = st.pop("sum") / st.pop("count")
         st["samples"] = torch.cat(st["samples"])  # (keep * rows, T, K)
+        st["samples_t"] = torch.cat(st["samples_t"])  # (keep * rows,) the timestep of each
     return stats
 
 
@@ -127,12 +130,37 @@ def fold_ditas(model, scales):
         blk.attn.qkv.bias.data[2 * D:] /= s
 
 
-def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lora_iters=10, block=None):
+@torch.no_grad()
+def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
+    """Static activation scales: run the sampler with quantization off and record max|x̃| per
+    timestep bucket at every QuantLinear (after its transform); scale = max / qmax."""
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear) and m.a_scale is not None]
+    for q in qs:
+        q.observe, q.quantize_enabled = True, False
+    diffusion = Diffusion.make(steps=steps)
+    labels = class_labels(n, list(range(model.num_classes)))
+    diffusion.sample(guided(model, labels, cfg_scale), make_noise(n, model, seed))
+    for q in qs:
+        amax = q.a_max
+        filled = torch.where(amax > 0, amax, amax.max())  # buckets no calibration step hit
+        q.a_scale.copy_(filled.clamp(min=1e-8) / quant.levels(q.aq)[1])
+        q.observe, q.quantize_enabled = False, True
+        del q.a_max
+
+
+@torch.no_grad()
+def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lora_iters=10, block=None,
+                 static_buckets=0):
     """-> recipe dict for `quant.quantize_model` (DiTAS also folds into `model` in place)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     wq = QConfig(wbits, range="mse") if wbits < 16 else None
-    aq = QConfig(abits) if abits < 16 else None
+    if abits >= 16:
+        aq = None
+    elif static_buckets:  # calibrated per-timestep-bucket scales instead of per-token dynamic ones
+        aq = QConfig(abits, granularity="tensor", dynamic=False, buckets=static_buckets)
+    else:
+        aq = QConfig(abits)
     recipe = {"method": method, "wq": wq, "aq": aq, "block": block, "alpha": alpha}
     lins = {name: lin for name, _, _, lin in quant.quant_layers(model)}
     if method == "smoothquant":
@@ -166,6 +194,7 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lor
     return recipe
 
 
+@torch.no_grad()
 def apply_recipe(model, recipe):
     """quantize_model + the DiTAS extras (pre-scaled inputs, LoRA). Returns LoRA error traces."""
     quant.quantize_model(model, recipe)
@@ -193,6 +222,8 @@ def layer_report(fp_model, q_model, stats):
     rows = []
     for name, _, _, q in quant.quant_layers(q_model):
         x = stats[name]["samples"]
+        if q.a_scale is not None:  # static scales: each stored input's own timestep bucket
+            q.t_bucket = (stats[name]["samples_t"] * q.aq.buckets // 1000).clamp(max=q.aq.buckets - 1)
         ref = fp[name](x)
         proj = q_model.get_submodule(name.replace("qkv", "proj"))
         if name.endswith("qkv") and getattr(proj, "input_prescaled", False):
@@ -297,6 +328,8 @@ def quantize_fp(model, method, wbits, abits, calib_n=16, calib_steps=25, seed=12
     stats = collect_stats(model, calib_n, calib_steps, seed=seed)
     recipe = build_recipe(model, stats, method, wbits, abits, **kw)
     apply_recipe(model, recipe)
+    if recipe["aq"] is not None and not recipe["aq"].dynamic:
+        calibrate_static(model, calib_n, calib_steps, seed=seed)
     return recipe
 
 
@@ -309,6 +342,8 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=0.5, help="smoothing exponent (smoothquant, hadanorm)")
     ap.add_argument("--lora-rank", type=int, default=8, help="DiTAS weight LoRA rank (0 = off)")
     ap.add_argument("--lora-iters", type=int, default=10)
+    ap.add_argument("--static-act", type=int, default=0, metavar="BUCKETS",
+                    help="static activation scales, one per timestep bucket (0 = dynamic per token)")
     ap.add_argument("--calib-n", type=int, default=16, help="images sampled for calibration")
     ap.add_argument("--calib-steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=1234)
@@ -327,8 +362,10 @@ def main(argv=None):
         print(f"wrote {args.plot}")
         return
     recipe = build_recipe(model, stats, args.method, args.wbits, args.abits, args.alpha, args.lora_rank,
-                          args.lora_iters)
+                          args.lora_iters, static_buckets=args.static_act)
     apply_recipe(model, recipe)
+    if args.static_act:
+        calibrate_static(model, args.calib_n, args.calib_steps, seed=args.seed)
     dt = time.time() - t0
     print(f"{'layer':22s} {'act SQNR raw':>12s} {'act SQNR transf.':>16s} {'out SQNR':>9s}  (dB)")
     for name, a, b, o in layer_report(fp, model, stats):

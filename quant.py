@@ -37,6 +37,8 @@ class QConfig:
     granularity: str = "row"  # "tensor" | "row" (per token / per output channel) | "group"
     group_size: int = 128
     range: str = "minmax"  # "minmax" | "mse" (search of the clipping ratio)
+    dynamic: bool = True  # activations: scale from the tensor at run time, or calibrated (static)
+    buckets: int = 1  # static activations: one scale per timestep bucket (1 = one for all steps)
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -45,6 +47,8 @@ class QConfig:
             raise ValueError(f"unknown granularity {self.granularity!r}")
         if self.range not in ("minmax", "mse"):
             raise ValueError(f"unknown range method {self.range!r}")
+        if not self.dynamic and not (self.symmetric and self.granularity == "tensor"):
+            raise ValueError("static activation scales are symmetric and per tensor (per timestep bucket)")
 
 
 def levels(cfg):
@@ -191,6 +195,10 @@ class QuantLinear(nn.Module):
         self.lora_u = self.lora_v = None
         self.quantize_enabled = True
         self.input_prescaled = False  # DiTAS: x / s already folded into the producing layer
+        static = aq is not None and not aq.dynamic
+        self.register_buffer("a_scale", torch.ones(aq.buckets) if static else None)  # per timestep bucket
+        self.t_bucket = None  # (N,) bucket of each sample, set by the model's timestep hook
+        self.observe = False  # calibration: record max|x̃| per bucket into a_max
         self.refresh_weight_quant()
 
     def refresh_weight_quant(self):
@@ -224,11 +232,32 @@ class QuantLinear(nn.Module):
             mu = None if mu is None else hadamard.transform(mu, block=self.block, signs=self.signs)
         return x, mu
 
+    def static_scale(self, xt):
+        """The calibrated activation scale of each sample's timestep bucket, shaped (N, 1, 1)."""
+        b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
+        return self.a_scale[b.to(self.a_scale.device)].view(-1, *[1] * (xt.dim() - 1))
+
+    def observe_input(self, xt):
+        b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
+        m = xt.detach().abs().flatten(1).amax(1)  # (N,)
+        if not hasattr(self, "a_max"):
+            self.a_max = torch.zeros_like(self.a_scale)
+        self.a_max.scatter_reduce_(0, b.to(m.device), m, reduce="amax")
+
+    def act_quant(self, xt):
+        if self.aq is None or not self.quantize_enabled:
+            return xt
+        if self.aq.dynamic:
+            return fake_quant(xt, self.aq)
+        return fake_quant_with(xt, self.static_scale(xt), 0.0, self.aq)
+
     def forward(self, x):
         if self.weight is None:
             return self.forward_int(x)
         xt, mu = self.transform_input(x)  # (N, T, K)
-        xq = fake_quant(xt, self.aq) if self.quantize_enabled else xt
+        if self.observe:
+            self.observe_input(xt)
+        xq = self.act_quant(xt)
         if mu is not None:
             xq = xq + mu  # μ̃ shares Q(W̃): y = (Q(x̃) + μ̃) Q(W̃)ᵀ
         y = nn.functional.linear(xq, self.qweight(), self.bias)  # (N, T, N_out)
@@ -240,11 +269,14 @@ class QuantLinear(nn.Module):
     # --- integer execution -------------------------------------------------------------------
     def to_integer(self):
         """Freezes the layer for integer execution: packs the weight codes, frees the float weight."""
+        if self.weight is None:
+            return self  # already integer
         wq, aq = self.wq, self.aq
-        if wq is None or aq is None or not (wq.symmetric and aq.symmetric) or wq.granularity != "row" \
-                or aq.granularity != "row" or aq.range != "minmax":
-            raise ValueError("the integer path needs symmetric per-channel weights and dynamic per-token "
-                             "symmetric min-max activations")
+        dyn_ok = aq is not None and aq.dynamic and aq.granularity == "row" and aq.range == "minmax"
+        static_ok = aq is not None and not aq.dynamic
+        if wq is None or not (dyn_ok or static_ok) or not (wq.symmetric and aq.symmetric) or wq.granularity != "row":
+            raise ValueError("the integer path needs symmetric per-channel weights and symmetric activations: "
+                             "dynamic per-token min-max, or static per timestep bucket")
         q, _, _ = quantize(self.weight, wq, (self.w_scale, self.w_zero))  # (N, K) int8 codes
         self.register_buffer("w_int", pack_int4(q) if wq.bits <= 4 else q)
         self.w_bits = wq.bits
@@ -260,7 +292,13 @@ class QuantLinear(nn.Module):
         """x̃ -> int codes per token -> _int_mm (int8 x int8 -> int32) -> dequantise with s_tok ⊗ s_ch."""
         xt, mu = self.transform_input(x)  # (N, T, K)
         lead = xt.shape[:-1]
-        xq, sx = quantize_tokens(xt.reshape(-1, self.in_features), self.aq.bits)  # (M, K) int8, (M, 1)
+        if self.aq.dynamic:
+            xq, sx = quantize_tokens(xt.reshape(-1, self.in_features), self.aq.bits)  # (M, K) int8, (M, 1)
+        else:  # static: the calibrated scale of each sample's timestep bucket, repeated over its tokens
+            s = self.static_scale(xt).expand(*lead, 1)
+            qmin, qmax = levels(self.aq)
+            xq = torch.clamp((xt / s).round(), qmin, qmax).to(torch.int8).reshape(-1, self.in_features)
+            sx = s.reshape(-1, 1)
         W = self.int_weight()  # (N_out, K) int8
         acc = torch._int_mm(xq, W.T)  # (M, N_out) int32, exact
         y = acc.float() * sx * self.w_scale.view(1, -1)  # per-token x per-channel scales
@@ -306,7 +344,23 @@ def quantize_model(model, recipe):
                         recipe.get("scales", {}).get(name), recipe.get("rotate", False), recipe.get("block"),
                         signs, recipe.get("means", {}).get(name))
         setattr(parent, attr, q)
+    attach_timestep_hook(model)
     return model
+
+
+def attach_timestep_hook(model):
+    """Static per-timestep activation scales need each sample's timestep: a pre-hook on the timestep
+    embedder (called on every forward, CFG included) hands every QuantLinear its bucket,
+    t * buckets // 1000. Not on the DiT itself: forward_with_cfg calls self.forward directly."""  # important!
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear) and m.a_scale is not None]
+    if not qs:
+        return None
+
+    def hook(mod, args):
+        t = args[0]  # (N,) original timesteps 0..999
+        for q in qs:
+            q.t_bucket = (t.long() * q.aq.buckets // 1000).clamp(0, q.aq.buckets - 1)
+    return model.t_embedder.register_forward_pre_hook(hook)
 
 
 def set_quantization(model, enabled):

@@ -118,3 +118,17 @@ def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
         out = m(x, t, y)
     rel = ((out - sim).abs().max() / sim.abs().max()).item()
     assert rel < 1e-4, rel
+
+
+def test_static_per_timestep_recipe_round_trip(tmp_path, tiny_ckpt):
+    path = str(tmp_path / "qs.pt")
+    calibrate.main(["--ckpt", tiny_ckpt, "--method", "hadanorm", "--wbits", "4", "--abits", "8", "--static-act", "5",
+                    "--calib-n", "2", "--calib-steps", "5", "--out", path])
+    m, _, recipe = calibrate.load_quantized(path)
+    assert recipe["aq"].dynamic is False and recipe["aq"].buckets == 5
+    q = m.blocks[0].attn.qkv
+    saved = torch.load(path, weights_only=True)["model"]["blocks.0.attn.qkv.a_scale"]
+    assert torch.equal(q.a_scale, saved) and (saved > 0).all()
+    with torch.no_grad():
+        m(*inputs())
+    assert q.t_bucket.tolist() == [0, 4]  # t = 10, 800 with 5 buckets: the hook was re-attached
