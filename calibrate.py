@@ -320,6 +320,9 @@ def load_quantized(path):
                 and (sd[k].dtype != v.dtype or sd[k].shape != v.shape):
             raise ValueError(f"{path}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, expected {v.dtype} {tuple(v.shape)}")
     dit.load_state_dict_checked(model, sd, path)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m._digits = None  # HQ-DM digits were derived from the placeholder weights: derive again
     return model.eval(), cfg, recipe
 
 

@@ -172,21 +172,24 @@ def quantize_tokens(x, bits):
 class QuantLinear(nn.Module):
     """A linear layer with an exact input transform, weight/activation quantizers and low-rank branch."""
     def __init__(self, linear, wq=None, aq=None, center="none", scale=None, rotate=False, block=None,
-                 signs=None, static_mean=None):
+                 signs=None, static_mean=None, single=False):
         super().__init__()
+        if single and not rotate:
+            raise ValueError("single-Hadamard (HQ-DM) mode needs rotate=True")
         if center not in ("none", "dynamic", "static"):
             raise ValueError(f"unknown centering {center!r}: none, dynamic or static")
         if center == "static" and static_mean is None:
             raise ValueError("static centering needs a calibrated mean")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.wq, self.aq, self.center, self.rotate, self.block = wq, aq, center, rotate, block
+        self.single = single  # HQ-DM: quantize x in the Hadamard domain, rotate back, W stays unrotated
         W = linear.weight.detach().float()  # (N, K)
         self.register_buffer("s", None if scale is None else scale.detach().float().clone())
         self.register_buffer("signs", None if signs is None else signs.float())
         self.register_buffer("mu_static", None if static_mean is None else static_mean.detach().float().clone())
         if self.s is not None:
             W = W * self.s  # W diag(s)
-        if rotate:
+        if rotate and not single:
             W = hadamard.transform(W, block=block, signs=self.signs)  # W diag(s) Hᵀ
         self.weight = nn.Parameter(W, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
@@ -258,13 +261,18 @@ class QuantLinear(nn.Module):
         if self.observe:
             self.observe_input(xt)
         xq = self.act_quant(xt)
+        xf = xt if mu is None else xt + mu  # unquantized transformed input (for the LoRA branch)
         if mu is not None:
             xq = xq + mu  # μ̃ shares Q(W̃): y = (Q(x̃) + μ̃) Q(W̃)ᵀ
+        if self.single:  # HQ-DM: back to W's unrotated domain, y = [Q(x Hᵀ) H] Q(W)ᵀ
+            xq, xf = self.unrotate(xq), self.unrotate(xf)
         y = nn.functional.linear(xq, self.qweight(), self.bias)  # (N, T, N_out)
         if self.lora_u is not None:  # float branch on the unquantized transformed input
-            xf = xt if mu is None else xt + mu
             y = y + (xf @ self.lora_v.T) @ self.lora_u.T
         return y
+
+    def unrotate(self, x):
+        return hadamard.transform(x, inverse=True, block=self.block, signs=self.signs)
 
     # --- integer execution -------------------------------------------------------------------
     def to_integer(self):
@@ -289,8 +297,8 @@ class QuantLinear(nn.Module):
         return unpack_int4(self.w_int) if self.w_bits <= 4 else self.w_int
 
     def forward_int(self, x):
-        """x̃ -> int codes per token -> _int_mm (int8 x int8 -> int32) -> dequantise with s_tok ⊗ s_ch."""
-        xt, mu = self.transform_input(x)  # (N, T, K)
+        """x̃ -> int codes (per token, or static) -> _int_mm (int8 x int8 -> int32) -> dequantise."""
+        xt, mu = self.transform_input(x)  # (N, T, K), mean term (N, 1, K) or None
         lead = xt.shape[:-1]
         if self.aq.dynamic:
             xq, sx = quantize_tokens(xt.reshape(-1, self.in_features), self.aq.bits)  # (M, K) int8, (M, 1)
@@ -300,17 +308,42 @@ class QuantLinear(nn.Module):
             xq = torch.clamp((xt / s).round(), qmin, qmax).to(torch.int8).reshape(-1, self.in_features)
             sx = s.reshape(-1, 1)
         W = self.int_weight()  # (N_out, K) int8
-        acc = torch._int_mm(xq, W.T)  # (M, N_out) int32, exact
-        y = acc.float() * sx * self.w_scale.view(1, -1)  # per-token x per-channel scales
-        if mu is not None:  # HadaNorm mean term against the quantized weight: one row per sample
-            y = y.reshape(*lead, -1) + mu @ (W.float() * self.w_scale).T
+        if self.single:  # HQ-DM: codes of x Hᵀ against the exact integer matrix W_int H_rawᵀ
+            y = self.single_int_mm(xq) * sx * self.w_scale.view(1, -1)
+        else:
+            y = torch._int_mm(xq, W.T).float() * sx * self.w_scale.view(1, -1)  # exact int32, then scales
         y = y.reshape(*lead, -1)
+        xf = xt if mu is None else xt + mu  # float input of the mean term and LoRA branch
+        if self.single:
+            mu, xf = (None if mu is None else self.unrotate(mu)), self.unrotate(xf)
+        if mu is not None:  # HadaNorm mean term against the quantized weight: one row per sample
+            y = y + mu @ (W.float() * self.w_scale).T
         if self.bias is not None:
             y = y + self.bias
         if self.lora_u is not None:
-            xf = xt if mu is None else xt + mu
             y = y + (xf @ self.lora_v.T) @ self.lora_u.T
         return y
+
+    def single_digits(self):
+        """HQ-DM's integer weight: M = W_int H_rawᵀ (exact integers, |M| <= 2^(b-1) · block), split into
+        signed base-128 digits D_p in [-64, 63] so that M = Σ 128^p D_p and each D_p is an int8 operand.
+        Derived from the packed codes on first use (the checkpoint stores only packed int4)."""
+        if getattr(self, "_digits", None) is None:
+            b = self.block or self.in_features
+            R = (hadamard.transform(self.int_weight().double(), block=self.block, signs=self.signs) * b ** 0.5)
+            R = R.round().long()  # (N_out, K), exact: sums of ±integers
+            digits = []
+            while not digits or R.abs().max() > 0:
+                d = torch.remainder(R + 64, 128) - 64
+                digits.append(d.to(torch.int8))
+                R = (R - d) // 128
+            self._digits = digits
+        return self._digits
+
+    def single_int_mm(self, xq):
+        """xq (M, K) int8 codes of x Hᵀ -> xq M ᵀ / sqrt(block), exactly, as Σ_p 128^p _int_mm(xq, D_pᵀ)."""
+        acc = sum(torch._int_mm(xq, d.T).double() * 128 ** p for p, d in enumerate(self.single_digits()))
+        return (acc / (self.block or self.in_features) ** 0.5).float()  # (M, N_out)
 
     def extra_repr(self):
         t = [n for n, on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),

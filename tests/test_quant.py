@@ -198,3 +198,31 @@ def test_static_per_timestep_scales_follow_each_samples_timestep():
 def test_static_activations_must_be_symmetric_per_tensor():
     with pytest.raises(ValueError, match="static"):
         QConfig(4, granularity="row", dynamic=False)
+
+
+# --- HQ-DM single Hadamard -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("block", [None, 64, 32])
+@pytest.mark.parametrize("abits", [4, 3])
+def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits):
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 96)
+    x = torch.randn(2, 16, 192) + torch.randn(192)
+    q = QuantLinear(lin, QConfig(4, range="mse"), QConfig(abits), rotate=True, single=True, block=block)
+    torch.testing.assert_close(q.weight, lin.weight)  # the weight is NOT rotated
+    q.quantize_enabled = False
+    torch.testing.assert_close(q(x), lin(x), atol=1e-5, rtol=1e-5)
+    q.quantize_enabled = True
+    y_sim = q(x)
+    q.to_integer()
+    digits = q.single_digits()
+    M = sum(d.long() * 128 ** p for p, d in enumerate(digits))  # the exact integer matrix
+    b = block or 192
+    want = quant.hadamard.transform(q.int_weight().double(), block=block) * b ** 0.5
+    assert torch.equal(M, want.round().long()) and all(d.abs().max() <= 64 for d in digits)
+    torch.testing.assert_close(q(x), y_sim, atol=1e-5, rtol=1e-5)
+
+
+def test_single_needs_rotate():
+    with pytest.raises(ValueError, match="single"):
+        QuantLinear(nn.Linear(8, 8), single=True)
