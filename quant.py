@@ -238,7 +238,8 @@ class QuantLinear(nn.Module):
     def static_scale(self, xt):
         """The calibrated activation scale of each sample's timestep bucket, shaped (N, 1, 1)."""
         b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
-        return self.a_scale[b.to(self.a_scale.device)].view(-1, *[1] * (xt.dim() - 1))
+        s = self.a_scale.clamp(min=1e-8)  # a learnable (QAT) step must stay positive
+        return s[b.to(s.device)].view(-1, *[1] * (xt.dim() - 1))
 
     def observe_input(self, xt):
         b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
@@ -375,7 +376,7 @@ def quantize_model(model, recipe):
         signs = hadamard.random_signs(lin.in_features, recipe["signs_seed"]) if recipe.get("signs_seed") is not None else None
         q = QuantLinear(lin, recipe.get("wq"), recipe.get("aq"), recipe.get("center", "none"),
                         recipe.get("scales", {}).get(name), recipe.get("rotate", False), recipe.get("block"),
-                        signs, recipe.get("means", {}).get(name))
+                        signs, recipe.get("means", {}).get(name), recipe.get("single", False))
         setattr(parent, attr, q)
     attach_timestep_hook(model)
     return model

@@ -1,0 +1,221 @@
+"""HQ-DM: quantization-aware training with a single Hadamard transform, distilled data-free.
+
+The quantized model computes y = [Q_a(x Hᵀ) H] Q_w(W)ᵀ in every qkv/proj/fc1/fc2: activations are
+quantized in one Hadamard domain and rotated back, weights are quantized unrotated (per channel), so
+the integer form Q_a(x Hᵀ) · (W_int H_rawᵀ) needs no rotated float weight (see QuantLinear.single).
+Step sizes are learned (LSQ: the straight-through estimator makes d/ds [round(x/s) s] = round(x/s) − x/s),
+weights per output channel, activations one per timestep bucket; the weights are fine-tuned too.
+The loss is the MSE between the FP and quantized ε predictions (conditional and null-class halves)
+along the FP model's own DDIM trajectories with CFG: no data set is needed.
+
+    python qat.py --wbits 4 --abits 4 --minutes 60 --out checkpoints/dit_t4_w4a4_hqdm.pt
+    python qat.py ... --hadamard none | double        # the ablation: plain LSQ QAT / QuaRot-style
+"""
+import argparse
+import copy
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import calibrate
+import dit
+import quant
+from diffusion import Diffusion, class_labels, make_noise
+from quant import QConfig, QuantLinear
+
+MODES = ("single", "none", "double")
+
+
+#################################################################################
+#                               Model preparation                               #
+#################################################################################
+
+def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=8, calib_steps=25, seed=0):
+    """FP model -> QAT model (a copy): QuantLinears with learnable steps, initialised by calibration."""
+    if mode not in MODES:
+        raise ValueError(f"unknown --hadamard {mode!r}; choose one of {', '.join(MODES)}")
+    for b in (wbits, abits):
+        if not 3 <= b <= 8:
+            raise ValueError(f"unsupported bit width {b} for QAT: choose 3..8")
+    model = copy.deepcopy(fp)
+    recipe = {"method": f"hqdm-{mode}", "wq": QConfig(wbits, range="mse"),
+              "aq": QConfig(abits, granularity="tensor", dynamic=False, buckets=buckets),
+              "rotate": mode != "none", "single": mode == "single", "block": block}
+    quant.quantize_model(model, recipe)
+    calibrate.calibrate_static(model, calib_n, calib_steps, seed=seed)  # activation steps from max|x̃|
+    make_learnable(model)
+    return model, recipe
+
+
+def make_learnable(model):
+    """Weights, weight steps and activation steps of every QuantLinear become trainable Parameters."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.weight.requires_grad_(True)
+            for name in ("w_scale", "a_scale"):
+                t = getattr(m, name)
+                if not isinstance(t, nn.Parameter):
+                    del m._buffers[name]
+                    setattr(m, name, nn.Parameter(t.detach().clone()))
+    for p in model.parameters():  # everything else (embedders, adaLN, final layer) stays frozen
+        p.requires_grad_(False)
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            for p in (m.weight, m.w_scale, m.a_scale):
+                p.requires_grad_(True)
+    return model
+
+
+#################################################################################
+#                         Distillation targets (no data)                        #
+#################################################################################
+
+@torch.no_grad()
+def trajectories(fp, n=64, steps=25, cfg_scale=4.0, seed=0):
+    """Runs the FP model's DDIM with CFG from fixed noise and records, at every step, both halves
+    (class and null) of its input and raw output: (x_t, t, y, ε_fp), each (2·n·steps, ...)."""
+    d = Diffusion.make(steps=steps)
+    y = class_labels(n, list(range(fp.num_classes)))
+    null = torch.full_like(y, fp.num_classes)
+    x = make_noise(n, fp, seed)
+    X, T, Y, E = [], [], [], []
+    for i in tqdm(range(steps)[::-1], desc="FP trajectories", leave=False, disable=None):
+        t = torch.full((2 * n,), int(d.timestep_map[i]), dtype=torch.long)
+        x2, y2 = torch.cat([x, x]), torch.cat([y, null])
+        out = fp(x2, t, y2)  # (2n, C, H, W): conditional and unconditional predictions
+        X.append(x2), T.append(t), Y.append(y2), E.append(out)
+        cond, unc = out[:n], out[n:]
+        guided_eps = unc + cfg_scale * (cond - unc)
+        x = d.ddim_step(lambda *_: guided_eps, x, i)
+    return torch.cat(X), torch.cat(T), torch.cat(Y), torch.cat(E)
+
+
+def distill_loss(model, batch):
+    x, t, y, target = batch
+    return F.mse_loss(model(x, t, y), target)
+
+
+#################################################################################
+#                                   Training                                    #
+#################################################################################
+
+def get_args(argv=None):
+    ap = argparse.ArgumentParser(description="HQ-DM quantization-aware training of the DiT (data-free distillation).")
+    ap.add_argument("--ckpt", default=dit.DEFAULT_CKPT, help="FP checkpoint (teacher and initialisation)")
+    ap.add_argument("--wbits", type=int, default=4)
+    ap.add_argument("--abits", type=int, default=4)
+    ap.add_argument("--hadamard", default="single", help=f"one of {', '.join(MODES)}")
+    ap.add_argument("--block", type=int, default=None, help="Hadamard block size (default: full width)")
+    ap.add_argument("--buckets", type=int, default=10, help="timestep buckets of activation step sizes")
+    ap.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-5, help="weights")
+    ap.add_argument("--lr-scale", type=float, default=1e-3, help="step sizes")
+    ap.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation targets")
+    ap.add_argument("--traj-steps", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", default="runs/qat", help="folder of the resumable state")
+    ap.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
+    ap.add_argument("--ckpt-every", type=int, default=200)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--minutes", type=float, default=None, help="time budget: stop (and save) after this long")
+    args = ap.parse_args(argv)
+    if args.steps < 1 or args.batch_size < 1:
+        raise ValueError("--steps and --batch-size must be positive")
+    return args
+
+
+def identity(args):
+    """What a resumed run must agree on."""
+    return {k: getattr(args, k) for k in ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "batch_size")}
+
+
+def train(args):
+    """Runs (or resumes) QAT; returns (model, recipe, losses of this call)."""
+    fp, cfg = dit.load_checkpoint(args.ckpt)
+    fp.requires_grad_(False)
+    os.makedirs(args.run, exist_ok=True)
+    state_path = os.path.join(args.run, "state.pt")
+    torch.manual_seed(args.seed)
+    model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets, seed=args.seed)
+    data = trajectories(fp, args.traj, args.traj_steps, seed=args.seed)  # deterministic: rebuilt on resume
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    opt = torch.optim.AdamW([{"params": [q.weight for q in qs], "lr": args.lr},
+                             {"params": [p for q in qs for p in (q.w_scale, q.a_scale)], "lr": args.lr_scale}],
+                            weight_decay=0)
+    gen, step = torch.Generator().manual_seed(args.seed), 0
+    if args.resume:
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"--resume: no QAT state at {state_path}")
+        st = torch.load(state_path, map_location="cpu", weights_only=True)
+        if st["identity"] != identity(args):
+            diff = {k: (st["identity"][k], v) for k, v in identity(args).items() if st["identity"].get(k) != v}
+            raise ValueError(f"--resume: {state_path} was trained with other settings (saved, now): {diff}")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        gen.set_state(st["gen"])
+        step = st["step"]
+
+    def save():
+        tmp = state_path + ".tmp"
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                    "identity": identity(args)}, tmp)
+        os.replace(tmp, state_path)
+
+    losses, t0 = [], time.time()
+    bar = tqdm(total=args.steps, initial=step, desc=f"QAT W{args.wbits}A{args.abits} {args.hadamard}", disable=None)
+    model.eval()  # important! train() would switch on the label embedder's class dropout
+    while step < args.steps:
+        idx = torch.randint(0, len(data[0]), (args.batch_size,), generator=gen)
+        loss = distill_loss(model, [d[idx] for d in data])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3e}")
+        if step % args.ckpt_every == 0 or step == args.steps:
+            save()
+        if args.minutes and time.time() - t0 > 60 * args.minutes:
+            save()
+            break
+    bar.close()
+    return model, recipe, cfg, losses
+
+
+@torch.no_grad()
+def export(model, recipe, cfg, path, calib):
+    """Packs the trained model (learned steps kept) for the integer path and saves it; loadable by
+    `sample.py --qckpt` and `calibrate.load_quantized`."""
+    model = copy.deepcopy(model).requires_grad_(False)
+    quant.to_integer(model)
+    calibrate.save_quantized(path, model, cfg, recipe, calib)
+    return model
+
+
+def main(argv=None):
+    args = get_args(argv)
+    t0 = time.time()
+    model, recipe, cfg, losses = train(args)
+    msg = f"QAT {recipe['method']} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"
+    if losses:
+        k = min(50, len(losses))
+        msg += f", loss {sum(losses[:k]) / k:.3e} (first {k}) -> {sum(losses[-k:]) / k:.3e} (last {k})"
+    if args.out:
+        export(model, recipe, cfg, args.out, {k: v for k, v in vars(args).items() if v is not None})
+        msg += f"; saved {args.out}"
+    print(msg)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,96 @@
+"""qat.py: LSQ/STE gradients, a QAT step lowers the distillation loss, exact resume, integer == sim."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import calibrate
+import dit
+import qat
+import quant
+from quant import QConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def teacher(tmp_path):
+    torch.manual_seed(0)
+    m = dit.build(dit.TINY, depth=1)
+    for p in m.parameters():
+        if p.requires_grad:
+            p.data.normal_(0, 0.1)
+    path = str(tmp_path / "teacher.pt")
+    dit.save_checkpoint(path, m, {"model": dit.TINY, "depth": 1})
+    return path
+
+
+def test_lsq_step_gradient_is_the_ste_formula_and_matches_finite_differences_when_clipped():
+    cfg = QConfig(4, granularity="tensor")
+    x = torch.tensor([-3.0, -0.37, 0.12, 0.5, 0.81, 2.9])
+    s = torch.tensor(0.2, requires_grad=True)
+    g_s = torch.autograd.grad(quant.fake_quant_with(x, s, 0.0, cfg).sum(), s)[0]
+    v = x / s.detach()
+    inside = (v.round() >= -8) & (v.round() <= 7)
+    want = torch.where(inside, v.round() - v, v.round().clamp(-8, 7)).sum()  # LSQ: round(x/s) - x/s, or the clamp level
+    torch.testing.assert_close(g_s, want)
+    eps = 1e-4  # where every element is clipped, the function is linear in s: FD must agree
+    xc = torch.tensor([-3.0, 2.9, 5.0])
+    f = lambda sv: quant.fake_quant_with(xc, torch.tensor(sv), 0.0, cfg).sum().item()
+    sc = torch.tensor(0.2, requires_grad=True)
+    auto = torch.autograd.grad(quant.fake_quant_with(xc, sc, 0.0, cfg).sum(), sc)[0].item()
+    assert abs(auto - (f(0.2 + eps) - f(0.2 - eps)) / (2 * eps)) < 1e-2
+    xg = torch.tensor([0.33, -0.61], requires_grad=True)  # STE: d/dx = 1 inside the range
+    assert torch.equal(torch.autograd.grad(quant.fake_quant_with(xg, s.detach(), 0.0, cfg).sum(), xg)[0], torch.ones(2))
+
+
+def test_a_few_qat_steps_lower_the_distillation_loss(teacher):
+    fp, _ = dit.load_checkpoint(teacher)
+    model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4)
+    data = qat.trajectories(fp, n=4, steps=3)
+    batch = [d[:16] for d in data]
+    qs = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
+    opt = torch.optim.Adam([p for q in qs for p in (q.weight, q.w_scale, q.a_scale)], lr=1e-3)
+    before = qat.distill_loss(model, batch).item()
+    for _ in range(5):
+        opt.zero_grad()
+        qat.distill_loss(model, batch).backward()
+        opt.step()
+    assert all(q.a_scale.grad is not None and q.a_scale.grad.abs().sum() > 0 for q in qs)  # gradients reach the steps
+    assert qat.distill_loss(model, batch).item() < before
+
+
+def args(teacher, run, steps, *extra):
+    return qat.get_args(["--ckpt", teacher, "--steps", str(steps), "--traj", "2", "--traj-steps", "3", "--batch-size", "8",
+                         "--run", run, "--ckpt-every", "2", *extra])
+
+
+def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teacher):
+    _, _, _, full = qat.train(args(teacher, str(tmp_path / "a"), 4))
+    _, _, _, first = qat.train(args(teacher, str(tmp_path / "b"), 2))
+    _, _, _, rest = qat.train(args(teacher, str(tmp_path / "b"), 4, "--resume"))
+    assert first + rest == full
+    with pytest.raises(ValueError, match="other settings"):
+        qat.train(args(teacher, str(tmp_path / "b"), 6, "--resume", "--abits", "3"))
+
+
+@pytest.mark.parametrize("mode", qat.MODES)
+def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode):
+    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / mode), 2, "--hadamard", mode))
+    out = str(tmp_path / f"{mode}.pt")
+    qat.export(model, recipe, cfg, out, {})
+    loaded, _, rec = calibrate.load_quantized(out)
+    assert rec["method"] == f"hqdm-{mode}" and rec.get("integer")
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([40, 700]), torch.tensor([1, 2])
+    with torch.no_grad():
+        sim, out_int = model(x, t, y), loaded(x, t, y)
+    assert ((out_int - sim).abs().max() / sim.abs().max()).item() < 0.05  # code flips on ties only
+    assert ((out_int - sim).abs() > 1e-4).float().mean().item() < 0.02
+
+
+def test_bad_input_exit_2(teacher):
+    r = subprocess.run([sys.executable, "qat.py", "--ckpt", teacher, "--abits", "2", "--steps", "1"], cwd=ROOT,
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 2 and "unsupported bit width 2" in r.stderr and "Traceback" not in r.stderr
