@@ -319,6 +319,31 @@ def load_state_dict_checked(model, sd, source="checkpoint"):
     return model
 
 
+def load_official(path, config="DiT-XL/2", image_size=256):
+    """A facebookresearch/DiT checkpoint -> model (ImageNet: latent input_size = image_size / 8).
+
+    Accepts the released bare state dicts (DiT-XL-2-256x256.pt) and train.py's dicts ({"model", "ema",
+    ...}: the EMA weights are taken, as the official sample.py does). Every key and shape is checked.
+    """
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"official checkpoint not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read official checkpoint {path}: {type(e).__name__}") from None
+    if isinstance(sd, dict) and isinstance(sd.get("ema"), dict):
+        sd = sd["ema"]
+    elif isinstance(sd, dict) and isinstance(sd.get("model"), dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no state dict of tensors")
+    if image_size % 8:
+        raise ValueError(f"image size {image_size} is not a multiple of 8 (the VAE's downsampling)")
+    model = build(config, input_size=image_size // 8)
+    load_state_dict_checked(model, sd, f"{path} (as {config} at {image_size}px)")
+    return model.eval()
+
+
 def save_checkpoint(path, model, config, **extra):
     """Saves our own checkpoint: half-precision weights + the config that rebuilds the model."""
     import os

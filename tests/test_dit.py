@@ -122,3 +122,26 @@ def test_checkpoint_round_trip_and_errors(tmp_path, tiny_ckpt):
     torch.save(ck, tmp_path / "s2.pt")
     with pytest.raises(ValueError, match="does not fit"):
         dit.load_checkpoint(str(tmp_path / "s2.pt"))
+
+
+def test_load_official_bare_and_train_dicts_and_readable_errors(tmp_path):
+    torch.manual_seed(0)
+    m = dit.DiT_models["DiT-S/8"](input_size=8)  # official key layout at a small size (64px images)
+    for p in m.parameters():
+        p.data.normal_(0, 0.02)
+    sd = m.state_dict()
+    torch.save(sd, tmp_path / "bare.pt")
+    torch.save({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd, "opt": {}, "args": None}, tmp_path / "train.pt")
+    for f in ("bare.pt", "train.pt"):
+        got = dit.load_official(str(tmp_path / f), "DiT-S/8", image_size=64)
+        assert all(torch.equal(got.state_dict()[k], v) for k, v in sd.items())  # the EMA weights
+    with pytest.raises(ValueError, match="shape mismatches"):  # a file of another size
+        dit.load_official(str(tmp_path / "bare.pt"), "DiT-S/8", image_size=128)
+    with pytest.raises(ValueError, match="shape mismatches|missing keys"):  # another config
+        dit.load_official(str(tmp_path / "bare.pt"), "DiT-B/8", image_size=64)
+    torch.save({k: v for k, v in sd.items() if k != "y_embedder.embedding_table.weight"}, tmp_path / "miss.pt")
+    with pytest.raises(ValueError, match="1 missing keys.*y_embedder"):
+        dit.load_official(str(tmp_path / "miss.pt"), "DiT-S/8", image_size=64)
+    torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match="1 unexpected keys.*extra.weight"):
+        dit.load_official(str(tmp_path / "extra.pt"), "DiT-S/8", image_size=64)
