@@ -206,7 +206,7 @@ def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Score generated Fashion-MNIST samples with our classifier's features.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT, help="DiT checkpoint to sample from")
-    ap.add_argument("--n", type=int, default=1000, help="number of samples")
+    ap.add_argument("--n", type=int, default=None, help="number of samples (default 1000; 200 per row for --table)")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ap.add_argument("--cfg-scale", type=float, default=1.5, help="guidance for metrics (papers' FID setting)")
     ap.add_argument("--seed", type=int, default=0)
@@ -221,6 +221,8 @@ def main(argv=None):
     ap.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas", help="recipes for --table")
     ap.add_argument("--table-out", default=None, help="also write the table (markdown) here, row by row")
     args = ap.parse_args(argv)
+    if args.n is None:
+        args.n = 200 if args.table else 1000
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
 
