@@ -58,13 +58,14 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
 
     handles = [lin.register_forward_pre_hook(hook(name)) for name, _, _, lin in layers]
     diffusion = Diffusion.make(steps=steps)
-    labels = class_labels(n, list(range(model.num_classes)))
-    x = make_noise(n, model, seed)
+    device = next(model.parameters()).device
+    labels = class_labels(n, list(range(model.num_classes))).to(device)
+    x = make_noise(n, model, seed).to(device)
     fn = guided(model, labels, cfg_scale)
     try:
         for i in tqdm(range(steps)[::-1], desc="calibration sampling", leave=False, disable=None):
             state["i"], state["t"] = steps - 1 - i, int(diffusion.timestep_map[i])
-            x = diffusion.ddim_step(fn, x, i)
+            x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)  # latents are not clipped
     finally:
         for h in handles:
             h.remove()
@@ -138,8 +139,10 @@ def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
     for q in qs:
         q.observe, q.quantize_enabled = True, False
     diffusion = Diffusion.make(steps=steps)
-    labels = class_labels(n, list(range(model.num_classes)))
-    diffusion.sample(guided(model, labels, cfg_scale), make_noise(n, model, seed))
+    device = next(model.parameters()).device
+    labels = class_labels(n, list(range(model.num_classes))).to(device)
+    diffusion.sample(guided(model, labels, cfg_scale), make_noise(n, model, seed).to(device),
+                     clip=model.in_channels != 4)
     for q in qs:
         amax = q.a_max
         filled = torch.where(amax > 0, amax, amax.max())  # buckets no calibration step hit

@@ -30,21 +30,25 @@ BEST_METHOD = {"w8a8": "smoothquant", "w4a8": "ditas", "w4a4": "hadanorm", "w4a3
 
 @torch.no_grad()
 def generate(model, labels, steps=50, cfg_scale=4.0, seed=0, sampler="ddim", eta=0.0, batch_size=250,
-             clip=True, progress=False, noise=None):
-    """Samples images (N, C, H, W) in [-1, 1] for `labels`; deterministic for a given seed."""
+             clip=None, progress=False, noise=None):
+    """Samples (N, C, H, W) for `labels`; deterministic for a given seed. Pixel models clip x̂_0 to
+    [-1, 1]; latent models (4 channels, official DiT) do not, as the official sample.py."""
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     model.eval()
+    clip = model.in_channels != 4 if clip is None else clip
+    device = next(model.parameters()).device
     diffusion = Diffusion.make(steps=steps)
-    noise = make_noise(len(labels), model, seed) if noise is None else noise
+    noise = (make_noise(len(labels), model, seed) if noise is None else noise).to(device)
+    labels = labels.to(device)
     out = []
     batches = range(0, len(labels), batch_size)
     for k, i in enumerate(batches):
-        g = torch.Generator().manual_seed(seed * 1000003 + k)  # DDPM / η>0 noise, per batch
+        g = torch.Generator(device).manual_seed(seed * 1000003 + k)  # DDPM / η>0 noise, per batch
         fn = guided(model, labels[i:i + batch_size], cfg_scale)
         out.append(diffusion.sample(fn, noise[i:i + batch_size], sampler, eta, clip, g,
                                     progress=progress and len(batches) == 1))
-    return torch.cat(out)
+    return torch.cat(out).cpu()
 
 
 #################################################################################
@@ -59,14 +63,15 @@ def save_grid(images, labels, path, names=data.CLASSES, scale=2):
     ncol = max(len(p) for p in per_row)
     h, w = imgs.shape[1] * scale, imgs.shape[2] * scale
     pad, label_w = 2, 90
-    canvas = Image.new("L", (label_w + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), 255)
+    mode = "L" if imgs.shape[-1] == 1 else "RGB"
+    canvas = Image.new(mode, (label_w + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for r, (cls, idx) in enumerate(zip(rows, per_row)):
         y0 = pad + r * (h + pad)
-        draw.text((4, y0 + h // 2 - 6), f"{cls} {names[cls] if cls < len(names) else ''}", fill=0, font=font)
+        draw.text((4, y0 + h // 2 - 6), f"{cls} {names[cls] if cls < len(names) else ''}", fill="black", font=font)
         for c, i in enumerate(idx):
             tile = Image.fromarray(imgs[i][..., 0] if imgs.shape[-1] == 1 else imgs[i])
-            tile = tile.resize((w, h), Image.NEAREST).convert("L")
+            tile = tile.resize((w, h), Image.NEAREST).convert(mode)
             canvas.paste(tile, (label_w + pad + c * (w + pad), y0))
     canvas.save(path, optimize=False)
     return canvas.size
@@ -120,7 +125,33 @@ def get_args(argv=None):
                     "beside --ckpt (created by calibrating on the first run)")
     ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead of the integer path")
     ap.add_argument("--compare-fp", action="store_true", help="also sample the FP model from the same noise; report PSNR")
+    ap.add_argument("--image-size", type=int, default=None,
+                    help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; needs --vae")
+    ap.add_argument("--vae", default=None, help="SD-VAE decoder file (diffusers diffusion_pytorch_model.bin)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     return ap.parse_args(argv)
+
+
+IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sample.py's classes
+
+
+def load_official_model(args):
+    """--image-size/--vae: a facebookresearch/DiT checkpoint (ImageNet latents) and the VAE decoder."""
+    import vae as vae_lib
+    if not args.vae:
+        raise ValueError("an official DiT samples latents: --vae PATH (sd-vae-ft-mse/-ema decoder) is needed")
+    name = args.model or "DiT-XL/2"
+    model = dit.load_official(args.ckpt, name, args.image_size or 256)
+    decoder = vae_lib.load_vae(args.vae)
+    desc = "fp32"
+    if args.bits:
+        method = args.method or BEST_METHOD[args.bits]
+        t0 = time.time()
+        calibrate.quantize_fp(model.to(args.device), method, *SETTINGS[args.bits], calib_n=4, calib_steps=10)
+        if not args.simulate:
+            quant.to_integer(model)
+        desc = f"{args.bits.upper()} {method} {'simulated' if args.simulate else 'integer'} (calibrated in {time.time() - t0:.0f} s)"
+    return model, {"model": name}, desc, decoder
 
 
 def quantized_path(ckpt, setting, method):
@@ -178,21 +209,32 @@ def main(argv=None):
         raise ValueError(f"--n must be at least 1, got {args.n}")
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     t0 = time.time()
-    model, cfg, desc = load_model(args)
+    decoder = None
+    if args.image_size or args.vae:
+        model, cfg, desc, decoder = load_official_model(args)
+    else:
+        model, cfg, desc = load_model(args)
     if args.model and args.model != cfg["model"]:
         raise ValueError(f"{args.ckpt} holds a {cfg['model']} model, not {args.model}")
-    classes = parse_classes(args.classes, model.num_classes) if args.classes else list(range(model.num_classes))
+    model.to(args.device)
+    default = IMAGENET_CLASSES if decoder is not None else list(range(model.num_classes))
+    classes = parse_classes(args.classes, model.num_classes) if args.classes else default
     labels = class_labels(args.n, classes)
     t1 = time.time()
     images = generate(model, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta, progress=True)
+    if decoder is not None:  # latents -> pixels
+        decoder.to(args.device)
+        images = torch.cat([decoder.decode(z[None].to(args.device)).cpu() for z in images])
     t2 = time.time()
     cmp = ""
     if args.compare_fp:
         fp, _ = dit.load_checkpoint(args.ckpt)
         ref = generate(fp, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta)
         cmp = f" | PSNR vs FP {psnr(images, ref):.2f} dB"
-    size = save_grid(images, labels, args.out)
+    size = save_grid(images, labels, args.out, names=data.CLASSES if decoder is None else [])
     if args.npz:
         save_npz(images, labels, args.npz)
     print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | {args.sampler} "

@@ -123,3 +123,33 @@ def test_quantized_bad_input_exit_2(tmp_path, tiny_ckpt):
     assert r.returncode == 2 and "w_int" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("--method", "rtn")
     assert r.returncode == 2 and "needs a bit setting" in r.stderr
+
+
+def test_official_checkpoint_with_vae_end_to_end(tmp_path):
+    import vae
+    from test_vae import diffusers_state_dict
+    torch.manual_seed(0)
+    m = dit.DiT_models["DiT-S/4"](input_size=8)  # official layout, learn_sigma: 8 output channels
+    for p in m.parameters():
+        p.data.normal_(0, 0.02)
+    torch.save({"ema": m.state_dict()}, tmp_path / "official.pt")
+    torch.save(diffusers_state_dict(), tmp_path / "vae.bin")
+    out = tmp_path / "in.png"
+    r = run_cli("--ckpt", str(tmp_path / "official.pt"), "--model", "DiT-S/4", "--image-size", "64",
+                "--vae", str(tmp_path / "vae.bin"), "--n", "2", "--steps", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "DiT-S/4 fp32" in r.stdout
+    from PIL import Image
+    assert Image.open(out).mode == "RGB"
+    r = run_cli("--ckpt", str(tmp_path / "official.pt"), "--model", "DiT-S/4", "--image-size", "64", "--n", "1")
+    assert r.returncode == 2 and "--vae" in r.stderr
+    r = run_cli("--ckpt", str(tmp_path / "official.pt"), "--model", "DiT-S/2", "--image-size", "64",
+                "--vae", str(tmp_path / "vae.bin"), "--n", "1")  # a checkpoint of the wrong size
+    assert r.returncode == 2 and "shape mismatches" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cuda_without_cuda_exit_2(tiny_ckpt):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = run_cli("--ckpt", tiny_ckpt, "--device", "cuda", "--n", "1")
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr
