@@ -1,11 +1,15 @@
 """Trains the full-precision DiT on Fashion-MNIST (AdamW, warmed-up EMA, optional bf16 autocast).
 
 Checkpoints are written atomically every --ckpt-every steps and `--resume` continues exactly:
-model, EMA, optimizer, step and every RNG are restored, so a resumed run draws the same batches,
+model, EMA, optimizer, step and the RNG are restored, so a resumed run draws the same batches,
 timesteps and noise as an uninterrupted one. The EMA weights are exported in half precision to
---export (what `sample.py` loads).
+--export (what `sample.py` loads). Every random draw (images, flips, timesteps, noise, CFG label
+dropout) comes from one generator over the *global* batch, and each process takes its slice, so
+`torchrun --nproc_per_node=N train.py ...` (DistributedDataParallel: gloo on CPU, nccl on GPU)
+computes the same steps as one process, up to float summation order.
 
     python train.py --steps 20000 --bf16 --out runs/tiny --export checkpoints/dit_t4.pt
+    torchrun --nproc_per_node=2 train.py ...     # same result, the batch split over 2 processes
 """
 import argparse
 import copy
@@ -15,6 +19,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -39,6 +44,8 @@ def get_args(argv=None):
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
     ap.add_argument("--limit", type=int, default=None, help="use only the first N training images (tests)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--log-every", type=int, default=50, help="steps per line of OUT/log.jsonl")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (with torchrun: one GPU per process)")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1 or args.ckpt_every < 1:
         raise ValueError("--steps, --batch-size and --ckpt-every must be positive")
@@ -66,10 +73,37 @@ def save_state(path, **state):
     os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
 
 
+def setup_distributed(args):
+    """-> (rank, world size, device). One process unless launched by torchrun (RANK in the env)."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if args.device.startswith("cuda") else torch.device("cpu")
+    return rank, world, device
+
+
+def global_batch(gen, x_all, y_all, batch_size, num_classes, p_drop=0.1):
+    """Every random draw of one step, for the whole (global) batch, from one generator."""
+    idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
+    flip = torch.rand(batch_size, generator=gen) < 0.5
+    x = torch.where(flip.view(-1, 1, 1, 1), x_all[idx].flip(-1), x_all[idx])  # (B, 1, 32, 32)
+    drop = torch.rand(batch_size, generator=gen) < p_drop  # CFG: train the null class too
+    y = torch.where(drop, num_classes, y_all[idx])
+    t = torch.randint(0, 1000, (batch_size,), generator=gen)
+    noise = torch.randn(x.shape, generator=gen)
+    return x, y, t, noise
+
+
 def train(args, on_step=None):
     """Runs (or resumes) training; returns the list of losses of the steps run in this call."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args)
     os.makedirs(args.out, exist_ok=True)
     state_path = os.path.join(args.out, "state.pt")
     x_all, y_all = data.load("train", args.data_dir)
@@ -77,10 +111,10 @@ def train(args, on_step=None):
         x_all, y_all = x_all[: args.limit], y_all[: args.limit]
 
     torch.manual_seed(args.seed)
-    model = dit.build(args.model)
+    model = dit.build(args.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
-    gen = torch.Generator().manual_seed(args.seed)  # batches and flips
+    gen = torch.Generator().manual_seed(args.seed)  # every random draw of training
     diffusion = Diffusion.make()
     step = 0
 
@@ -95,36 +129,46 @@ def train(args, on_step=None):
         dit.load_state_dict_checked(ema, st["ema"], state_path)
         opt.load_state_dict(st["opt"])
         step = st["step"]
-        torch.set_rng_state(st["rng"])
         gen.set_state(st["data_rng"])
 
     def checkpoint():
-        save_state(state_path, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
-                   args=vars(args), rng=torch.get_rng_state(), data_rng=gen.get_state())
-        if args.export:
-            dit.save_checkpoint(args.export, ema, model_config(args), step=step)
+        if rank == 0:
+            save_state(state_path, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                       step=step, args=vars(args), data_rng=gen.get_state())
+            if args.export:
+                dit.save_checkpoint(args.export, ema, model_config(args), step=step)
+        if world > 1:
+            dist.barrier()
 
-    model.train()
+    # important! eval mode: DiT's only train/eval difference is the label dropout, which
+    # global_batch does itself so that every process count sees the same labels
+    model.eval()
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    b = args.batch_size // world
     losses, t0 = [], time.time()
-    log = open(os.path.join(args.out, "log.jsonl"), "a")
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=None)
+    log = open(os.path.join(args.out, "log.jsonl"), "a") if rank == 0 else None
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True, disable=None if rank == 0 else True)
     while step < args.steps:
-        idx = torch.randint(0, len(x_all), (args.batch_size,), generator=gen)
-        flip = torch.rand(args.batch_size, generator=gen) < 0.5
-        x = torch.where(flip.view(-1, 1, 1, 1), x_all[idx].flip(-1), x_all[idx])  # (B, 1, 32, 32)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
-            loss = diffusion.loss(model, x, y_all[idx])
+        x, y, t, noise = (v[rank * b:(rank + 1) * b].to(device) for v in
+                          global_batch(gen, x_all, y_all, args.batch_size, model.num_classes))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            loss = diffusion.loss(net, x, y, t, noise)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients: the global batch's mean, as one process
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         update_ema(ema, model, ema_decay(step, args.ema_decay))
         step += 1
-        losses.append(loss.item())
+        lv = loss.detach().float()
+        if world > 1:
+            dist.all_reduce(lv)
+            lv /= world
+        losses.append(lv.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 50 == 0:
-            log.write(json.dumps({"step": step, "loss": round(sum(losses[-50:]) / len(losses[-50:]), 5),
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if log and step % args.log_every == 0:
+            k = args.log_every
+            log.write(json.dumps({"step": step, "loss": round(sum(losses[-k:]) / len(losses[-k:]), 7),
                                   "elapsed_s": round(time.time() - t0, 1)}) + "\n")
             log.flush()
         if on_step:
@@ -135,7 +179,10 @@ def train(args, on_step=None):
             checkpoint()
             break
     bar.close()
-    log.close()
+    if log:
+        log.close()
+    if world > 1:
+        dist.destroy_process_group()
     return losses
 
 
@@ -144,7 +191,7 @@ def main(argv=None):
     t0 = time.time()
     losses = train(args)
     n = len(losses)
-    if n:
+    if n and int(os.environ.get("RANK", 0)) == 0:
         print(f"trained {n} steps in {time.time() - t0:.0f} s ({n / (time.time() - t0):.2f} steps/s); "
               f"last-100 mean loss {sum(losses[-100:]) / len(losses[-100:]):.4f}; state in {args.out}"
               + (f"; EMA exported to {args.export}" if args.export else ""))

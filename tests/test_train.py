@@ -56,3 +56,27 @@ def test_resume_refuses_another_config(tmp_path, fake_fmnist):
     args.batch_size = 8
     with pytest.raises(ValueError, match="--resume"):
         train.train(args)
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path, fake_fmnist):
+    import json
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    common = ["--steps", "3", "--batch-size", "8", "--data-dir", fake_fmnist, "--ckpt-every", "100",
+              "--log-every", "1", "--seed", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {"one": [sys.executable, "train.py"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]}
+    losses, states = {}, {}
+    for name, cmd in runs.items():
+        out = str(tmp_path / name)
+        r = subprocess.run(cmd + common + ["--out", out], cwd=root, capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        losses[name] = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
+        states[name] = torch.load(os.path.join(out, "state.pt"), weights_only=True)["model"]
+    assert len(losses["one"]) == 3
+    for a, b in zip(losses["one"], losses["two"]):
+        assert abs(a - b) <= 1e-5 * abs(a)  # same global batch: equal up to float summation order
+    for k in states["one"]:
+        torch.testing.assert_close(states["two"][k], states["one"][k], atol=1e-5, rtol=1e-4)
