@@ -226,3 +226,17 @@ def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits):
 def test_single_needs_rotate():
     with pytest.raises(ValueError, match="single"):
         QuantLinear(nn.Linear(8, 8), single=True)
+
+
+@pytest.mark.parametrize("k,n", [(1152, 4608), (4608, 1152)])  # DiT-XL/2 fc1 and fc2: 36·32 and 36·128
+def test_xl_width_hadanorm_integer_path_equals_simulation(k, n):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, n)
+    x = torch.randn(2, 8, k) + torch.randn(k)
+    q = QuantLinear(lin, QConfig(4), QConfig(4), center="dynamic", scale=torch.rand(k) + 0.5, rotate=True)
+    xt, _ = q.transform_input(x)
+    codes_sim, _, _ = quant.quantize(xt.reshape(-1, k), q.aq)
+    y_sim = q(x)
+    q.to_integer()
+    assert torch.equal(quant.quantize_tokens(xt.reshape(-1, k), 4)[0], codes_sim)
+    torch.testing.assert_close(q(x), y_sim, atol=1e-4, rtol=1e-4)
