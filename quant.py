@@ -377,7 +377,7 @@ def quantize_model(model, recipe):
         q = QuantLinear(lin, recipe.get("wq"), recipe.get("aq"), recipe.get("center", "none"),
                         recipe.get("scales", {}).get(name), recipe.get("rotate", False), recipe.get("block"),
                         signs, recipe.get("means", {}).get(name), recipe.get("single", False))
-        setattr(parent, attr, q)
+        setattr(parent, attr, q.to(lin.weight.device))
     attach_timestep_hook(model)
     return model
 
