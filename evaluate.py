@@ -11,6 +11,7 @@
     python evaluate.py --npz samples.npz      # scores samples written by `sample.py --npz`
 """
 import argparse
+import os
 import sys
 import time
 
@@ -23,7 +24,7 @@ from tqdm import tqdm
 import calibrate
 import data
 import dit
-from diffusion import class_labels
+from diffusion import class_labels, make_noise
 from sample import DEFAULT_CKPT, SETTINGS, generate, psnr
 
 CLASSIFIER = "checkpoints/fm_classifier.pt"
@@ -158,12 +159,28 @@ def score(images, labels, clf, ref, ref_images=None, seed=0):
     return out
 
 
+def sample_all(model, labels, steps, cfg_scale, seed):
+    """generate() for all labels; under torchrun each process samples its slice of the same fixed
+    noise and labels, and every process gets the gathered result (same images as one process)."""
+    import torch.distributed as dist
+    noise = make_noise(len(labels), model, seed)
+    if not (dist.is_available() and dist.is_initialized()):
+        return generate(model, labels, steps, cfg_scale, seed, progress=True, noise=noise)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = -(-len(labels) // world)
+    sl = slice(rank * per, (rank + 1) * per)
+    part = generate(model, labels[sl], steps, cfg_scale, seed, noise=noise[sl]) if len(labels[sl]) else None
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    return torch.cat([p for p in parts if p is not None])
+
+
 def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLASSIFIER, ref_images=None):
     """Samples n images (balanced classes, fixed noise) and scores them -> (metrics, images, labels)."""
     clf, ref, _ = load_classifier(clf_path)
     labels = class_labels(n, list(range(model.num_classes)))
     t0 = time.time()
-    images = generate(model, labels, steps, cfg_scale, seed, progress=True)
+    images = sample_all(model, labels, steps, cfg_scale, seed)
     metrics = score(images, labels, clf, ref, ref_images, seed)
     metrics["sample_s"] = time.time() - t0
     return metrics, images, labels
@@ -206,7 +223,9 @@ def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Score generated Fashion-MNIST samples with our classifier's features.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT, help="DiT checkpoint to sample from")
-    ap.add_argument("--n", type=int, default=None, help="number of samples (default 1000; 200 per row for --table)")
+    ap.add_argument("--n", "--samples", dest="n", type=int, default=None,
+                    help="number of samples (default 1000; 200 per row for --table); under torchrun write "
+                         "--samples: torchrun's own parser swallows --n")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ap.add_argument("--cfg-scale", type=float, default=1.5, help="guidance for metrics (papers' FID setting)")
     ap.add_argument("--seed", type=int, default=0)
@@ -243,8 +262,9 @@ def main(argv=None):
         print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, cfg {args.cfg_scale})")
         return
     clf, ref, test_acc = load_classifier(args.classifier)
-    print(f"classifier test accuracy {100 * test_acc:.2f}%")
-    print(HEADER)
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"classifier test accuracy {100 * test_acc:.2f}%")
+        print(HEADER)
     if args.real_floor:
         x, y = data.load("train", args.data_dir)
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.n]
@@ -257,10 +277,16 @@ def main(argv=None):
         x = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         print(row(args.npz, score(x, torch.from_numpy(z["labels"]).long(), clf, ref, seed=args.seed)))
         return
+    import torch.distributed as dist
+    if "RANK" in os.environ:  # torchrun: the samples are split over the processes (gloo, CPU)
+        dist.init_process_group("gloo")
     model, cfg = dit.load_checkpoint(args.ckpt)
     m, _, _ = evaluate_model(model, args.n, args.steps, args.cfg_scale, args.seed, args.classifier)
-    print(row(f"{cfg['model']} FP32, DDIM {args.steps}, cfg {args.cfg_scale}", m))
-    print(f"(sampling + scoring {m['sample_s']:.0f} s)")
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(row(f"{cfg['model']} FP32, DDIM {args.steps}, cfg {args.cfg_scale}", m))
+        print(f"(sampling + scoring {m['sample_s']:.0f} s)")
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -119,7 +120,7 @@ def get_args(argv=None):
     ap.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation targets")
     ap.add_argument("--traj-steps", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run", default="runs/qat", help="folder of the resumable state")
+    ap.add_argument("--state-dir", default="runs/qat", help="folder of the resumable state")
     ap.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
@@ -136,11 +137,18 @@ def identity(args):
 
 
 def train(args):
-    """Runs (or resumes) QAT; returns (model, recipe, losses of this call)."""
+    """Runs (or resumes) QAT; returns (model, recipe, cfg, losses of this call). Under torchrun the
+    global batch (one generator) is split over the processes, as in train.py."""
+    rank, world = 0, 1
+    if "RANK" in os.environ:
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if args.batch_size % world:
+            raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
     fp, cfg = dit.load_checkpoint(args.ckpt)
     fp.requires_grad_(False)
-    os.makedirs(args.run, exist_ok=True)
-    state_path = os.path.join(args.run, "state.pt")
+    os.makedirs(args.state_dir, exist_ok=True)
+    state_path = os.path.join(args.state_dir, "state.pt")
     torch.manual_seed(args.seed)
     model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets, seed=args.seed)
     data = trajectories(fp, args.traj, args.traj_steps, seed=args.seed)  # deterministic: rebuilt on resume
@@ -162,30 +170,42 @@ def train(args):
         step = st["step"]
 
     def save():
-        tmp = state_path + ".tmp"
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
-                    "identity": identity(args)}, tmp)
-        os.replace(tmp, state_path)
+        if rank == 0:
+            tmp = state_path + ".tmp"
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
+                        "identity": identity(args)}, tmp)
+            os.replace(tmp, state_path)
+        if world > 1:
+            dist.barrier()
 
     losses, t0 = [], time.time()
-    bar = tqdm(total=args.steps, initial=step, desc=f"QAT W{args.wbits}A{args.abits} {args.hadamard}", disable=None)
+    bar = tqdm(total=args.steps, initial=step, desc=f"QAT W{args.wbits}A{args.abits} {args.hadamard}",
+               disable=None if rank == 0 else True)
     model.eval()  # important! train() would switch on the label embedder's class dropout
+    net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    b = args.batch_size // world
     while step < args.steps:
-        idx = torch.randint(0, len(data[0]), (args.batch_size,), generator=gen)
-        loss = distill_loss(model, [d[idx] for d in data])
+        idx = torch.randint(0, len(data[0]), (args.batch_size,), generator=gen)[rank * b:(rank + 1) * b]
+        loss = distill_loss(net, [d[idx] for d in data])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP: gradients averaged over the processes = the global batch's mean
         opt.step()
         step += 1
-        losses.append(loss.item())
+        lv = loss.detach()
+        if world > 1:
+            dist.all_reduce(lv)
+            lv = lv / world
+        losses.append(lv.item())
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3e}")
+        bar.set_postfix(loss=f"{losses[-1]:.3e}")
         if step % args.ckpt_every == 0 or step == args.steps:
             save()
         if args.minutes and time.time() - t0 > 60 * args.minutes:
             save()
             break
     bar.close()
+    if world > 1:
+        dist.destroy_process_group()
     return model, recipe, cfg, losses
 
 
@@ -207,6 +227,8 @@ def main(argv=None):
     if losses:
         k = min(50, len(losses))
         msg += f", loss {sum(losses[:k]) / k:.3e} (first {k}) -> {sum(losses[-k:]) / k:.3e} (last {k})"
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
     if args.out:
         export(model, recipe, cfg, args.out, {k: v for k, v in vars(args).items() if v is not None})
         msg += f"; saved {args.out}"

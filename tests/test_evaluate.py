@@ -48,3 +48,19 @@ def test_shipped_classifier_and_reference_statistics():
     assert acc >= 0.90
     assert ref["feats"].shape == (10000, 128) and ref["sigma"].shape == (128, 128)
     torch.testing.assert_close(ref["mu"], ref["feats"].double().mean(0), atol=2e-3, rtol=0)
+
+
+def test_two_process_torchrun_scores_like_one_process(tiny_ckpt):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = {}
+    for name, cmd in {"one": [sys.executable, "evaluate.py"],
+                      "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                              "evaluate.py"]}.items():
+        r = subprocess.run(cmd + ["--ckpt", tiny_ckpt, "--samples", "6", "--steps", "2"], cwd=root, capture_output=True,
+                           text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        rows[name] = [line for line in r.stdout.splitlines() if line.startswith("| DiT-T/4")]
+    assert len(rows["one"]) == 1 and rows["one"] == rows["two"]  # same samples, same metrics

@@ -64,7 +64,7 @@ def test_a_few_qat_steps_lower_the_distillation_loss(teacher):
 
 def args(teacher, run, steps, *extra):
     return qat.get_args(["--ckpt", teacher, "--steps", str(steps), "--traj", "2", "--traj-steps", "3", "--batch-size", "8",
-                         "--run", run, "--ckpt-every", "2", *extra])
+                         "--state-dir", run, "--ckpt-every", "2", *extra])
 
 
 def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teacher):
@@ -94,3 +94,20 @@ def test_bad_input_exit_2(teacher):
     r = subprocess.run([sys.executable, "qat.py", "--ckpt", teacher, "--abits", "2", "--steps", "1"], cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "unsupported bit width 2" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_two_process_torchrun_matches_one_process(tmp_path, teacher):
+    import re
+    runs = {"one": [sys.executable, "qat.py"],
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "qat.py"]}
+    got = {}
+    for name, cmd in runs.items():
+        r = subprocess.run(cmd + ["--ckpt", teacher, "--steps", "3", "--traj", "2", "--traj-steps", "3", "--batch-size", "8",
+                                  "--state-dir", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        m = re.search(r"loss (\S+) \(first \d+\) -> (\S+) \(last", r.stdout)
+        got[name] = [float(m.group(1)), float(m.group(2))]
+    assert len(got["one"]) == 2
+    for a, b in zip(got["one"], got["two"]):
+        assert abs(a - b) <= 1e-4 * abs(a)
