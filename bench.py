@@ -160,8 +160,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (XL shapes, M=4096)")
     args = ap.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available")
+    dit.check_device(args.device)
     dev = args.device
     repeats = args.repeats or (3 if args.quick else 10)
     name = torch.cuda.get_device_name() if dev == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

@@ -359,13 +359,16 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--out", default=None, help="write the quantized checkpoint here")
     ap.add_argument("--plot", default=None, help="write the activation-range picture (PNG) here and stop")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     for b in (args.wbits, args.abits):
         if b != 16 and not 2 <= b <= 8:
             raise ValueError(f"unsupported bit width {b}: choose 2..8 (or 16 = float)")
     t0 = time.time()
+    device = dit.check_device(args.device)
     model, cfg = dit.load_checkpoint(args.ckpt)  # refuses an already-quantized checkpoint
     fp, _ = dit.load_checkpoint(args.ckpt)
+    model, fp = model.to(device), fp.to(device)
     stats = collect_stats(model, args.calib_n, args.calib_steps, seed=args.seed)
     if args.plot:
         plot_ranges(model, stats, args.plot, alpha=args.alpha)

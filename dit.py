@@ -372,6 +372,15 @@ def load_checkpoint(path):
     return model.float().eval(), cfg
 
 
+def check_device(name):
+    """'cpu' / 'cuda' / 'cuda:N' -> torch.device, or a clear error when CUDA is missing."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    if not (name == "cpu" or name.startswith("cuda")):
+        raise ValueError(f"unknown --device {name!r}: cpu or cuda")
+    return torch.device(name)
+
+
 def count_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

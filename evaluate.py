@@ -196,7 +196,7 @@ HEADER = "| model | n | FD ↓ | class acc % ↑ | precision ↑ | recall ↑ | 
 TABLE_HEADER = HEADER.replace("↑ |\n", "↑ | calib (s) | sampling (s) |\n") + "---|---|"
 
 
-def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None):
+def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None, device="cpu"):
     """The method x bits table: every row from the same noise and labels; PSNR against FP's samples."""
     lines = [TABLE_HEADER]
     def emit(line):
@@ -207,11 +207,12 @@ def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None):
                 f.write("\n".join(lines) + "\n")
     print(TABLE_HEADER, flush=True)
     fp, cfg = dit.load_checkpoint(ckpt)
-    m, ref_images, _ = evaluate_model(fp, n, steps, cfg_scale, seed)
+    m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
     emit(row("FP32", m, ("-", f"{m['sample_s']:.0f}")))
     for setting in settings:
         for method in methods:
             model, _ = dit.load_checkpoint(ckpt)
+            model.to(device)
             t0 = time.time()
             calibrate.quantize_fp(model, method, *SETTINGS[setting])
             calib_s = time.time() - t0
@@ -239,7 +240,9 @@ def main(argv=None):
     ap.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings for --table")
     ap.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas", help="recipes for --table")
     ap.add_argument("--table-out", default=None, help="also write the table (markdown) here, row by row")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier runs on the CPU)")
     args = ap.parse_args(argv)
+    device = dit.check_device(args.device)
     if args.n is None:
         args.n = 200 if args.table else 1000
     if args.n < 2:
@@ -258,7 +261,7 @@ def main(argv=None):
         if bad:
             raise ValueError(f"unknown setting/method {bad}: settings {list(SETTINGS)}, methods {calibrate.METHODS}")
         t0 = time.time()
-        table(args.ckpt, args.n, args.steps, args.cfg_scale, args.seed, settings, methods, args.table_out)
+        table(args.ckpt, args.n, args.steps, args.cfg_scale, args.seed, settings, methods, args.table_out, device)
         print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, cfg {args.cfg_scale})")
         return
     clf, ref, test_acc = load_classifier(args.classifier)
@@ -281,6 +284,7 @@ def main(argv=None):
     if "RANK" in os.environ:  # torchrun: the samples are split over the processes (gloo, CPU)
         dist.init_process_group("gloo")
     model, cfg = dit.load_checkpoint(args.ckpt)
+    model.to(device)
     m, _, _ = evaluate_model(model, args.n, args.steps, args.cfg_scale, args.seed, args.classifier)
     if int(os.environ.get("RANK", 0)) == 0:
         print(row(f"{cfg['model']} FP32, DDIM {args.steps}, cfg {args.cfg_scale}", m))

@@ -81,18 +81,19 @@ def trajectories(fp, n=64, steps=25, cfg_scale=4.0, seed=0):
     """Runs the FP model's DDIM with CFG from fixed noise and records, at every step, both halves
     (class and null) of its input and raw output: (x_t, t, y, ε_fp), each (2·n·steps, ...)."""
     d = Diffusion.make(steps=steps)
-    y = class_labels(n, list(range(fp.num_classes)))
+    dev = next(fp.parameters()).device
+    y = class_labels(n, list(range(fp.num_classes))).to(dev)
     null = torch.full_like(y, fp.num_classes)
-    x = make_noise(n, fp, seed)
+    x = make_noise(n, fp, seed).to(dev)
     X, T, Y, E = [], [], [], []
     for i in tqdm(range(steps)[::-1], desc="FP trajectories", leave=False, disable=None):
-        t = torch.full((2 * n,), int(d.timestep_map[i]), dtype=torch.long)
+        t = torch.full((2 * n,), int(d.timestep_map[i]), dtype=torch.long, device=dev)
         x2, y2 = torch.cat([x, x]), torch.cat([y, null])
         out = fp(x2, t, y2)  # (2n, C, H, W): conditional and unconditional predictions
         X.append(x2), T.append(t), Y.append(y2), E.append(out)
         cond, unc = out[:n], out[n:]
         guided_eps = unc + cfg_scale * (cond - unc)
-        x = d.ddim_step(lambda *_: guided_eps, x, i)
+        x = d.ddim_step(lambda *_: guided_eps, x, i, clip=fp.in_channels != 4)
     return torch.cat(X), torch.cat(T), torch.cat(Y), torch.cat(E)
 
 
@@ -124,6 +125,7 @@ def get_args(argv=None):
     ap.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--minutes", type=float, default=None, help="time budget: stop (and save) after this long")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
@@ -145,8 +147,9 @@ def train(args):
         rank, world = dist.get_rank(), dist.get_world_size()
         if args.batch_size % world:
             raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
+    device = dit.check_device(args.device)
     fp, cfg = dit.load_checkpoint(args.ckpt)
-    fp.requires_grad_(False)
+    fp = fp.to(device).requires_grad_(False)
     os.makedirs(args.state_dir, exist_ok=True)
     state_path = os.path.join(args.state_dir, "state.pt")
     torch.manual_seed(args.seed)
@@ -185,7 +188,7 @@ def train(args):
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     b = args.batch_size // world
     while step < args.steps:
-        idx = torch.randint(0, len(data[0]), (args.batch_size,), generator=gen)[rank * b:(rank + 1) * b]
+        idx = torch.randint(0, len(data[0]), (args.batch_size,), generator=gen)[rank * b:(rank + 1) * b].to(device)
         loss = distill_loss(net, [d[idx] for d in data])
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP: gradients averaged over the processes = the global batch's mean

@@ -209,8 +209,7 @@ def main(argv=None):
         raise ValueError(f"--n must be at least 1, got {args.n}")
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    dit.check_device(args.device)
     t0 = time.time()
     decoder = None
     if args.image_size or args.vae:

@@ -75,8 +75,7 @@ def save_state(path, **state):
 
 def setup_distributed(args):
     """-> (rank, world size, device). One process unless launched by torchrun (RANK in the env)."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    dit.check_device(args.device)
     if "RANK" not in os.environ:
         return 0, 1, torch.device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
