@@ -225,7 +225,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Score generated Fashion-MNIST samples with our classifier's features.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT, help="DiT checkpoint to sample from")
     ap.add_argument("--n", "--samples", dest="n", type=int, default=None,
-                    help="number of samples (default 1000; 200 per row for --table); under torchrun write "
+                    help="number of samples (default 1000; 100 per row for --table); under torchrun write "
                          "--samples: torchrun's own parser swallows --n")
     ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
     ap.add_argument("--cfg-scale", type=float, default=1.5, help="guidance for metrics (papers' FID setting)")
@@ -244,7 +244,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = dit.check_device(args.device)
     if args.n is None:
-        args.n = 200 if args.table else 1000
+        args.n = 100 if args.table else 1000
     if args.n < 2:
         raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
 
