@@ -59,7 +59,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t):
-        return self.mlp(self.timestep_embedding(t, self.frequency_embedding_size))  # (N, D)
+        emb = self.timestep_embedding(t, self.frequency_embedding_size)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))  # (N, D); the cast lets a bf16 model run
 
 
 class LabelEmbedder(nn.Module):
