@@ -14,7 +14,6 @@ import argparse
 import platform
 import resource
 import statistics
-import sys
 import time
 
 import torch
@@ -186,8 +185,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

@@ -12,7 +12,6 @@ Recipes (DESIGN §5), all built on the one `QuantLinear`:
     python calibrate.py --method hadanorm --wbits 4 --abits 4 --out checkpoints/dit_t4_hadanorm_w4a4.pt
 """
 import argparse
-import sys
 import time
 
 import torch
@@ -300,12 +299,7 @@ def save_quantized(path, model, cfg, recipe, calib):
 
 def load_quantized(path):
     """Rebuilds a quantized model saved by `save_quantized` (no calibration needed)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"quantized checkpoint not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read quantized checkpoint {path}: {type(e).__name__}") from None
+    ck = dit.load_file(path, "quantized checkpoint")
     if not isinstance(ck, dict) or "recipe" not in ck:
         raise ValueError(f"{path} is not a quantized dit4bit checkpoint (no recipe)")
     cfg = dict(ck["config"])
@@ -391,8 +385,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

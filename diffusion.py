@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import dit
+
 
 #################################################################################
 #                                 The schedule                                  #
@@ -181,9 +183,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        import sys
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

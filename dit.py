@@ -303,6 +303,27 @@ def build(name, **kw):
 #                               Checkpoint loading                              #
 #################################################################################
 
+def load_file(path, what="checkpoint"):
+    """torch.load(weights_only=True) on the CPU, with a readable error for a missing or corrupt file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except Exception as e:
+        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e)[:120]}") from None
+
+
+def run_cli(main):
+    """A script's entry point: expected errors (bad input, missing files) become one line on stderr
+    and exit code 2, not a traceback."""
+    import sys
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
 def load_state_dict_checked(model, sd, source="checkpoint"):
     """Loads `sd` into `model` after asserting every key and shape, with a readable message."""
     own = model.state_dict()
@@ -326,12 +347,7 @@ def load_official(path, config="DiT-XL/2", image_size=256):
     Accepts the released bare state dicts (DiT-XL-2-256x256.pt) and train.py's dicts ({"model", "ema",
     ...}: the EMA weights are taken, as the official sample.py does). Every key and shape is checked.
     """
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"official checkpoint not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read official checkpoint {path}: {type(e).__name__}") from None
+    sd = load_file(path, "official checkpoint")
     if isinstance(sd, dict) and isinstance(sd.get("ema"), dict):
         sd = sd["ema"]
     elif isinstance(sd, dict) and isinstance(sd.get("model"), dict):
@@ -356,12 +372,7 @@ def save_checkpoint(path, model, config, **extra):
 
 def load_checkpoint(path):
     """Loads one of our checkpoints -> (model in float32 eval mode, config dict)."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"checkpoint not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e)[:120]}") from None
+    ckpt = load_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a dit4bit checkpoint (needs 'model' and 'config' entries)")
     if "recipe" in ckpt:
@@ -406,9 +417,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        import sys
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -12,7 +12,6 @@
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -108,10 +107,7 @@ def save_classifier(model, test_acc, path=CLASSIFIER, data_dir=None):
 
 def load_classifier(path=CLASSIFIER):
     """-> (classifier in eval mode, reference dict with mu, sigma, feats of the 10k test images)."""
-    try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"evaluation classifier not found: {path} (python evaluate.py --train-classifier)") from None
+    ck = dit.load_file(path, "evaluation classifier (python evaluate.py --train-classifier)")
     model = Classifier()
     dit.load_state_dict_checked(model, ck["model"], path)
     return model.eval(), ck["ref"], ck["test_acc"]
@@ -294,8 +290,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

@@ -19,6 +19,8 @@ import time
 
 import torch
 
+import dit
+
 
 #################################################################################
 #                              Constructions                                     #
@@ -200,9 +202,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        import sys
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

@@ -14,7 +14,6 @@ along the FP model's own DDIM trajectories with CFG: no data set is needed.
 import argparse
 import copy
 import os
-import sys
 import time
 
 import torch
@@ -239,8 +238,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

@@ -15,11 +15,12 @@ channels of W) or per group of g along K; range by min-max or by an MSE search o
     python quant.py          # quantization error of one random layer under each setting
 """
 import argparse
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+import dit
 import hadamard
 
 QUANT_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # per block; everything else stays float
@@ -432,9 +433,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        import sys
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

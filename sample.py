@@ -6,7 +6,6 @@
 """
 import argparse
 import os
-import sys
 import time
 
 import numpy as np
@@ -242,8 +241,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import os
-import sys
 import time
 
 import torch
@@ -197,8 +196,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)

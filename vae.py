@@ -8,7 +8,6 @@ the user passes the file.
     python vae.py --vae PATH/diffusion_pytorch_model.bin     # decodes a random latent, prints shapes
 """
 import argparse
-import sys
 
 import torch
 import torch.nn as nn
@@ -122,12 +121,7 @@ OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_at
 
 def load_vae(path):
     """Loads the decoder half of a diffusers AutoencoderKL state dict, asserting keys and shapes."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"VAE file not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read VAE file {path}: {type(e).__name__}") from None
+    sd = dit.load_file(path, "VAE file")
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds no state dict")
     out = {}
@@ -158,8 +152,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    dit.run_cli(main)
