@@ -402,6 +402,8 @@ def main():
     ap.add_argument("--model", default=None, help="only this config")
     args = ap.parse_args()
     names = [args.model] if args.model else list(DiT_models)
+    if args.model and args.model not in DiT_models:
+        build(args.model)  # raises the error that lists the known configs
     print(f"{'config':10s} {'params':>14s} {'depth':>5s} {'width':>5s} {'heads':>5s} {'patch':>5s}")
     for name in names:
         with torch.device("meta"):  # no memory or init cost, shapes only
