@@ -24,15 +24,18 @@ def fake_fmnist(tmp_path):
     return str(tmp_path)
 
 
-@pytest.fixture
-def tiny_ckpt(tmp_path):
-    """A DiT-T/4-shaped checkpoint with random (non-zero) output layers, saved by our own writer."""
+def save_random_tiny(path, std=0.02):
+    """A one-block DiT-T/4 with random (non-zero, also the output layers) weights, saved by our writer."""
     import dit
     torch.manual_seed(0)
     m = dit.build(dit.TINY, depth=1)
     for p in m.parameters():
         if p.requires_grad:
-            p.data.normal_(0, 0.02)
-    path = str(tmp_path / "tiny.pt")
+            p.data.normal_(0, std)
     dit.save_checkpoint(path, m, {"model": dit.TINY, "depth": 1})
     return path
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    return save_random_tiny(str(tmp_path / "tiny.pt"))

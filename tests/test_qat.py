@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from conftest import save_random_tiny
+
 import calibrate
 import dit
 import qat
@@ -17,14 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def teacher(tmp_path):
-    torch.manual_seed(0)
-    m = dit.build(dit.TINY, depth=1)
-    for p in m.parameters():
-        if p.requires_grad:
-            p.data.normal_(0, 0.1)
-    path = str(tmp_path / "teacher.pt")
-    dit.save_checkpoint(path, m, {"model": dit.TINY, "depth": 1})
-    return path
+    return save_random_tiny(str(tmp_path / "teacher.pt"), std=0.1)  # larger outputs: a measurable loss
 
 
 def test_lsq_step_gradient_is_the_ste_formula_and_matches_finite_differences_when_clipped():
