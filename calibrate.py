@@ -87,9 +87,11 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
 
 def smooth_scale(act_max, w, alpha):
     """SmoothQuant's s_j = a_j^α / max|W_:,j|^(1-α), guarded against zeros."""
+    # exercise smooth_scale: per input channel j, s_j = max|x_j|^α / max|W_:,j|^(1-α)
     a = act_max.to(w.device).clamp(min=1e-5)
     wmax = w.abs().amax(0).clamp(min=1e-5)
     return (a.pow(alpha) / wmax.pow(1 - alpha)).clamp(min=1e-5)
+    # end exercise smooth_scale
 
 
 def layer_mse(lin, recipe_kw, samples, ref):
@@ -104,12 +106,14 @@ def lora_correct(q, rank, iters):
     W = q.weight.detach().clone()
     L = torch.zeros_like(W)
     errs = []
+    # exercise ditas_lora: alternate Q = quant(W̃ − L) and L = best rank-r approximation of W̃ − Q
     for _ in range(iters):
         q.weight.data = W - L
         Q = q.qweight()  # nearest levels of W̃ − L on the fixed grid
         U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
         L = (U[:, :rank] * S[:rank]) @ Vh[:rank]
         errs.append((W - Q - L).norm().item())
+    # end exercise ditas_lora
     q.set_lora(U[:, :rank] * S[:rank], Vh[:rank])  # weight stays W̃ − L_prev, whose levels are Q
     return errs
 
@@ -187,12 +191,14 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lor
             x = stats[n]["samples"].to(lin.weight.device)
             ref = lin(x)
             wq_lin = quant.fake_quant(lin.weight.detach(), wq) if wq else lin.weight.detach()
+            # exercise ditas_alpha: grid-search α in [0, 1] (21 points) for the lowest quantized-layer MSE
             best = None
             for a in torch.linspace(0, 1, 21).tolist():
                 s = smooth_scale(stats[n]["absmax"], wq_lin, a)
                 err = layer_mse(lin, dict(wq=wq, aq=aq, scale=s), x, ref)
                 if best is None or err < best[0]:
                     best = (err, a, s)
+            # end exercise ditas_alpha
             alphas[n], scales[n] = best[1], best[2]
         fold_ditas(model, scales)
         recipe.update(scales=scales, alphas=alphas, prescaled=[n for n in lins if not n.endswith("fc2")],

@@ -77,7 +77,9 @@ class Diffusion:
     # --- training ---------------------------------------------------------------------------
     def q_sample(self, x0, t, noise):
         """Diffuses x0 to step t: sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε."""
+        # exercise q_sample: sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε, with the coefficients gathered at t
         return self._at(self.sqrt_alphas_cumprod, t, x0) * x0 + self._at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        # end exercise q_sample
 
     def loss(self, model, x0, y, t=None, noise=None):
         """ε-prediction MSE. With learn_sigma the ε half is trained (DiT adds a VB term; we don't)."""
@@ -102,10 +104,12 @@ class Diffusion:
     def ddim_step(self, model_fn, x, i, eta=0.0, clip=True, generator=None):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         eps, x0, _ = self._eps_x0(model_fn, x, t, clip)
+        # exercise ddim_step: DDIM's σ_t(η) and the mean √ᾱ_prev x0 + √(1 − ᾱ_prev − σ²) ε
         a_prev = self._at(self.alphas_cumprod_prev, t, x)
         a_t = self._at(self.alphas_cumprod, t, x)
         sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
         mean = x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma ** 2) * eps
+        # end exercise ddim_step
         if i == 0 or eta == 0:
             return mean
         return mean + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -172,15 +176,47 @@ def make_noise(n, model, seed):
     return torch.randn(n, model.in_channels, size, size, generator=g)  # (N, C, H, W)
 
 
+def lesson_image(data_dir=None):
+    """A real training image (Fashion-MNIST, if installed) or else one DDIM sample of the shipped model."""
+    import os
+    import data
+    try:
+        return data.load("train", data_dir)[0][:1].float(), "Fashion-MNIST training image 0"  # (1, 1, 32, 32)
+    except FileNotFoundError:
+        model = dit.load_checkpoint(dit.DEFAULT_CKPT)[0] if os.path.exists(dit.DEFAULT_CKPT) else None
+        if model is None:
+            raise
+        x = Diffusion.make(steps=25).sample(guided(model, torch.tensor([0]), 4.0), make_noise(1, model, 0))
+        return x, "a DDIM sample of the shipped model (data set not installed)"
+
+
 def main():
-    ap = argparse.ArgumentParser(description="Show the linear schedule's endpoints and a respaced set of timesteps.")
+    ap = argparse.ArgumentParser(description="Lesson: a real image noised by q_sample at several t, the schedule's "
+                                             "ᾱ_t and signal-to-noise ratio, and a respaced set of timesteps.")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps to respace to")
+    ap.add_argument("--out", default="runs/lessons/noising.png", help="the PNG strip of x_t")
+    ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
     args = ap.parse_args()
+    import os
+    from PIL import Image
+    import data  # the one later-stage import: the lesson shows a real image
     d = Diffusion.make()
     print(f"betas {d.betas[0]:.2e} -> {d.betas[-1]:.2e}; alpha_bar {d.alphas_cumprod[0]:.6f} -> {d.alphas_cumprod[-1]:.3e}")
+    x0, src = lesson_image(args.data_dir)
+    ts = [0, 50, 100, 250, 500, 750, 999]
+    eps = torch.randn(len(ts), *x0.shape[1:], generator=torch.Generator().manual_seed(0))
+    xt = d.q_sample(x0.expand(len(ts), -1, -1, -1), torch.tensor(ts), eps)  # (len(ts), C, H, W)
+    print(f"x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε of {src}:\n{'t':>5s} {'ᾱ_t':>9s} {'SNR (dB)':>9s} {'corr(x_t, x0)':>14s}")
+    for i, t in enumerate(ts):
+        a = d.alphas_cumprod[t]
+        corr = torch.corrcoef(torch.stack([xt[i].flatten(), x0[0].flatten()]))[0, 1]
+        print(f"{t:5d} {a:9.5f} {10 * np.log10(a / (1 - a)):9.2f} {corr.item():14.3f}")
+    strip = torch.cat(list(xt.clamp(-1, 1)), dim=-1)  # (C, H, W·len(ts)): left t=0 ... right t=999
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    Image.fromarray(data.to_uint8(strip[None])[0, ..., 0].numpy()).resize((strip.shape[-1] * 4, strip.shape[-2] * 4), Image.NEAREST).save(args.out)
     r = d.respace(args.steps)
-    print(f"respaced to {r.num_timesteps} steps: t = {r.timestep_map[:5].tolist()} ... {r.timestep_map[-3:].tolist()}")
-
+    print(f"wrote {args.out} (t = {ts}); respaced to {r.num_timesteps} steps: "
+          f"t = {r.timestep_map[:5].tolist()} ... {r.timestep_map[-3:].tolist()}")
 
 if __name__ == "__main__":
     dit.run_cli(main)

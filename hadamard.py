@@ -39,9 +39,11 @@ def _jacobsthal(q):
 def paley1(q):
     """Order q+1 for prime q ≡ 3 (mod 4): H = I + S, S = [[0, 1ᵀ], [-1, Q]] skew, S Sᵀ = q I."""
     assert _is_prime(q) and q % 4 == 3
+    # exercise paley: build the order-(q+1) Paley-I matrix I + S, S bordered by +1 (row) and -1 (column) around Q
     S = torch.zeros(q + 1, q + 1, dtype=torch.float64)
     S[0, 1:], S[1:, 0], S[1:, 1:] = 1, -1, _jacobsthal(q)
     return torch.eye(q + 1, dtype=torch.float64) + S
+    # end exercise paley
 
 
 def paley2(q):
@@ -140,6 +142,7 @@ def transform(x, inverse=False, block=None, signs=None):
     K, m = km
     if signs is not None and not inverse:
         x = x * signs.to(x.dtype)
+    # exercise fast_hadamard: apply H_K ⊗ H_{2^j} (or its transpose) one Kronecker factor at a time, normalised by 1/√b
     y = x.reshape(*x.shape[:-1], n // b, K, m)  # (..., blocks, K, 2^j)
     if m > 1:
         y = _apply_sylvester(y, m)  # Sylvester part (symmetric, its own transpose)
@@ -147,6 +150,7 @@ def transform(x, inverse=False, block=None, signs=None):
         HK = base_matrix(K).to(x.dtype).to(x.device)
         y = torch.matmul(HK.T if inverse else HK, y)  # (K, K) @ (..., K, 2^j)
     y = (y * (1.0 / math.sqrt(b))).reshape(x.shape)
+    # end exercise fast_hadamard
     if signs is not None and inverse:
         y = y * signs.to(y.dtype)
     return y

@@ -39,3 +39,17 @@ def save_random_tiny(path, std=0.02):
 @pytest.fixture
 def tiny_ckpt(tmp_path):
     return save_random_tiny(str(tmp_path / "tiny.pt"))
+
+
+def run_script(*args, timeout=300):
+    """Runs `python args...` in the repo root as a user would; returns the CompletedProcess."""
+    import subprocess
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def lesson_output(*args):
+    """stdout of a stage file's lesson (its no-argument run, or with the given small setting)."""
+    r = run_script(*args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout

@@ -132,3 +132,11 @@ def test_static_per_timestep_recipe_round_trip(tmp_path, tiny_ckpt):
     with torch.no_grad():
         m(*inputs())
     assert q.t_bucket.tolist() == [0, 4]  # t = 10, 800 with 5 buckets: the hook was re-attached
+
+
+def test_lesson_hadanorm_raises_the_activation_sqnr():
+    from conftest import lesson_output
+    out = lesson_output("calibrate.py", "--calib-n", "2", "--calib-steps", "2")
+    rows = [[float(v) for v in l.split()[1:]] for l in out.splitlines() if l.startswith("blocks.")]
+    assert len(rows) == 24
+    assert sum(r[1] for r in rows) > sum(r[0] for r in rows) + 24  # > 1 dB better on average

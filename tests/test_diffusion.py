@@ -94,3 +94,14 @@ def test_loss_is_eps_mse():
     noise = torch.randn(16, 1, 4, 4)
     loss = d.loss(zero, torch.zeros(16, 1, 4, 4), None, t=torch.zeros(16, dtype=torch.long), noise=noise)
     torch.testing.assert_close(loss, noise.pow(2).mean())
+
+
+def test_lesson_writes_the_noising_strip_without_the_data_set(tmp_path):
+    from PIL import Image
+    from conftest import lesson_output
+    out = lesson_output("diffusion.py", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "s.png"))
+    assert "DDIM sample of the shipped model" in out
+    rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in ("0", "500", "999")]
+    corr = [float(r[3]) for r in rows]
+    assert len(corr) == 3 and corr[0] > 0.99 and corr[0] > corr[1] > corr[2]  # the image fades into noise
+    assert Image.open(tmp_path / "s.png").size == (7 * 32 * 4, 32 * 4)

@@ -145,3 +145,11 @@ def test_load_official_bare_and_train_dicts_and_readable_errors(tmp_path):
     torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")
     with pytest.raises(ValueError, match="1 unexpected keys.*extra.weight"):
         dit.load_official(str(tmp_path / "extra.pt"), "DiT-S/8", image_size=64)
+
+
+def test_lesson_walks_the_shapes_of_the_shipped_model():
+    from conftest import lesson_output
+    out = lesson_output("dit.py")
+    assert "DiT-XL/2      674,834,720" in out
+    assert "patchify + pos-embed             (2, 64, 192)" in out
+    assert "unpatchify: predicted noise      (2, 1, 32, 32)" in out

@@ -66,3 +66,11 @@ def test_hadamard_spreads_an_outlier_channel():
     ratio = lambda v: (v.abs().amax(-1) / v.pow(2).mean(-1).sqrt()).mean()
     assert ratio(y) < ratio(x) / 3  # the outlier's energy is spread over all channels
     torch.testing.assert_close(y.pow(2).sum(-1), x.pow(2).sum(-1), rtol=1e-4, atol=0)  # orthogonal
+
+
+def test_lesson_shows_the_outliers_spread():
+    from conftest import lesson_output
+    rows = {l.split()[0]: [float(v) for v in l.split()[1:]] for l in lesson_output("hadamard.py").splitlines()
+            if l.split() and l.split()[0] in ("raw", "Hadamard")}
+    assert rows["Hadamard"][0] < rows["raw"][0] / 3  # max/RMS: the outliers are spread over all channels
+    assert rows["Hadamard"][2] < rows["raw"][2]  # and the 4-bit error drops

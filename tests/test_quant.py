@@ -240,3 +240,17 @@ def test_xl_width_hadanorm_integer_path_equals_simulation(k, n):
     q.to_integer()
     assert torch.equal(quant.quantize_tokens(xt.reshape(-1, k), 4)[0], codes_sim)
     torch.testing.assert_close(q(x), y_sim, atol=1e-4, rtol=1e-4)
+
+
+def test_lesson_sqnr_on_real_activations_grows_with_bits_and_finer_scales():
+    from conftest import lesson_output
+    out = lesson_output("quant.py", "--n", "2", "--steps", "2")
+    rows = {}
+    for l in out.splitlines():
+        parts = l.split()
+        if parts and parts[0] in ("8", "4", "3"):
+            rows[(int(parts[0]), " ".join(parts[1:-4]))] = [float(v) for v in parts[-4:]]
+    assert len(rows) == 9
+    for g in ("per tensor", "per token", "per group of 32"):
+        assert all(a > b > c for a, b, c in zip(rows[(8, g)], rows[(4, g)], rows[(3, g)]))
+    assert all(t > s for t, s in zip(rows[(4, "per token")], rows[(4, "per tensor")]))
