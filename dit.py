@@ -313,6 +313,13 @@ def load_file(path, what="checkpoint"):
         raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e)[:120]}") from None
 
 
+def file_sha256(path):
+    """SHA-256 of a file: ties a quantized checkpoint to the FP file it was made from."""
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
 def run_cli(main):
     """A script's entry point: expected errors (bad input, missing files) become one line on stderr
     and exit code 2, not a traceback."""
@@ -411,12 +418,28 @@ def main():
         blk = m.blocks[0]
         print(f"{name:10s} {count_params(m):14,d} {len(m.blocks):5d} {blk.attn.qkv.in_features:5d} "
               f"{m.num_heads:5d} {m.patch_size:5d}")
-    m = build(TINY)
-    x = torch.randn(2, 1, 32, 32)
-    out = m(x, torch.tensor([1, 500]), torch.tensor([0, 9]))
-    print(f"\n{TINY} on Fashion-MNIST: input {tuple(x.shape)} -> output {tuple(out.shape)}, "
-          f"{m.x_embedder.num_patches} tokens, {count_params(m):,d} params, config {TINY_DEFAULTS}")
+    shape_walk()
 
+
+@torch.no_grad()
+def shape_walk(path=DEFAULT_CKPT):
+    """Lesson: the tensor shapes through one forward of the shipped tiny model (random init if absent)."""
+    import os
+    m = load_checkpoint(path)[0] if os.path.exists(path) else build(TINY)
+    src = path if os.path.exists(path) else "random init"
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([999, 500]), torch.tensor([0, 9])
+    print(f"\n{TINY} ({src}): {count_params(m):,d} params, {m.x_embedder.num_patches} tokens of width "
+          f"{m.pos_embed.shape[-1]}; one forward, batch 2:")
+    h = m.x_embedder(x) + m.pos_embed  # (N, T, D)
+    c = m.t_embedder(t) + m.y_embedder(y, False)  # (N, D): the condition every block's adaLN reads
+    rows = [("input x_t", x), ("patchify + pos-embed", h), ("timestep + class embedding c", c),
+            ("adaLN(c): 6 shifts/scales/gates", m.blocks[0].adaLN_modulation(c))]
+    for blk in m.blocks:
+        h = blk(h, c)  # (N, T, D)
+    out = m.final_layer(h, c)  # (N, T, p*p*C)
+    rows += [(f"after {len(m.blocks)} DiT blocks", h), ("final layer", out), ("unpatchify: predicted noise", m.unpatchify(out))]
+    for name, v in rows:
+        print(f"  {name:32s} {tuple(v.shape)}")
 
 if __name__ == "__main__":
     run_cli(main)

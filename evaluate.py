@@ -192,8 +192,9 @@ HEADER = "| model | n | FD ↓ | class acc % ↑ | precision ↑ | recall ↑ | 
 TABLE_HEADER = HEADER.replace("↑ |\n", "↑ | calib (s) | sampling (s) |\n") + "---|---|"
 
 
-def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None, device="cpu"):
-    """The method x bits table: every row from the same noise and labels; PSNR against FP's samples."""
+def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None, device="cpu", qckpts=()):
+    """The method x bits table: every row from the same noise and labels; PSNR against FP's samples.
+    `qckpts`: saved quantized checkpoints (e.g. QAT results), scored on their integer path."""
     lines = [TABLE_HEADER]
     def emit(line):
         print(line, flush=True)
@@ -205,6 +206,11 @@ def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None, device="
     fp, cfg = dit.load_checkpoint(ckpt)
     m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
     emit(row("FP32", m, ("-", f"{m['sample_s']:.0f}")))
+    for path in qckpts:
+        model, _, recipe = calibrate.load_quantized(path)
+        m, _, _ = evaluate_model(model.to(device), n, steps, cfg_scale, seed, ref_images=ref_images)
+        name = f"W{recipe['wq'].bits}A{recipe['aq'].bits} {recipe['method']} ({os.path.basename(path)})"
+        emit(row(name, m, ("-", f"{m['sample_s']:.0f}")))
     for setting in settings:
         for method in methods:
             model, _ = dit.load_checkpoint(ckpt)
@@ -236,6 +242,8 @@ def main(argv=None):
     ap.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings for --table")
     ap.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas", help="recipes for --table")
     ap.add_argument("--table-out", default=None, help="also write the table (markdown) here, row by row")
+    ap.add_argument("--qckpt", nargs="+", default=[], help="--table: also score these quantized checkpoints "
+                    "(qat.py / calibrate.py --out), on the integer path")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier runs on the CPU)")
     args = ap.parse_args(argv)
     device = dit.check_device(args.device)
@@ -252,12 +260,16 @@ def main(argv=None):
               f"({time.time() - t0:.0f} s) -> {args.classifier}")
         return
     if args.table:
-        settings, methods = args.settings.split(","), args.methods.split(",")
+        settings, methods = [x for x in args.settings.split(",") if x], [x for x in args.methods.split(",") if x]
+        for p in args.qckpt:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"--qckpt {p}: no such file")
         bad = [s for s in settings if s not in SETTINGS] + [m for m in methods if m not in calibrate.METHODS]
         if bad:
             raise ValueError(f"unknown setting/method {bad}: settings {list(SETTINGS)}, methods {calibrate.METHODS}")
         t0 = time.time()
-        table(args.ckpt, args.n, args.steps, args.cfg_scale, args.seed, settings, methods, args.table_out, device)
+        table(args.ckpt, args.n, args.steps, args.cfg_scale, args.seed, settings, methods, args.table_out, device,
+              args.qckpt)
         print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, cfg {args.cfg_scale})")
         return
     clf, ref, test_acc = load_classifier(args.classifier)

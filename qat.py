@@ -14,6 +14,7 @@ along the FP model's own DDIM trajectories with CFG: no data set is needed.
 import argparse
 import copy
 import os
+import sys
 import time
 
 import torch
@@ -154,10 +155,7 @@ def train(args):
     torch.manual_seed(args.seed)
     model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets, seed=args.seed)
     data = trajectories(fp, args.traj, args.traj_steps, seed=args.seed)  # deterministic: rebuilt on resume
-    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    opt = torch.optim.AdamW([{"params": [q.weight for q in qs], "lr": args.lr},
-                             {"params": [p for q in qs for p in (q.w_scale, q.a_scale)], "lr": args.lr_scale}],
-                            weight_decay=0)
+    opt = make_optimizer(model, args.lr, args.lr_scale)
     gen, step = torch.Generator().manual_seed(args.seed), 0
     if args.resume:
         if not os.path.exists(state_path):
@@ -221,7 +219,43 @@ def export(model, recipe, cfg, path, calib):
     return model
 
 
+def make_optimizer(model, lr, lr_scale):
+    """AdamW over the QuantLinears: weights at lr, step sizes (LSQ) at lr_scale."""
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    return torch.optim.AdamW([{"params": [q.weight for q in qs], "lr": lr},
+                              {"params": [p for q in qs for p in (q.w_scale, q.a_scale)], "lr": lr_scale}],
+                             weight_decay=0)
+
+
+def lesson(steps=30, n=8, traj_steps=10):
+    """`python qat.py` with no arguments: a few distillation steps at W4A4, the loss going down."""
+    t0 = time.time()
+    fp = dit.load_checkpoint(dit.DEFAULT_CKPT)[0].requires_grad_(False)
+    torch.manual_seed(0)
+    model, _ = prepare(fp, 4, 4, "single", calib_n=n, calib_steps=traj_steps)
+    data = trajectories(fp, n, traj_steps)  # 2·n·traj_steps (x_t, t, y, ε_fp) targets
+    opt, gen = make_optimizer(model, 1e-4, 1e-3), torch.Generator().manual_seed(0)
+    model.eval()  # important! no label dropout
+    print(f"HQ-DM W4A4 (single Hadamard) distilled from {dit.DEFAULT_CKPT}'s own CFG trajectories "
+          f"({n} images x {traj_steps} DDIM steps = {len(data[0])} targets), batch 32:")
+    for step in range(steps + 1):
+        if step % 5 == 0:
+            with torch.no_grad():
+                print(f"  step {step:3d}  MSE(ε_q, ε_fp) on all targets {distill_loss(model, data).item():.3e}")
+        if step < steps:
+            idx = torch.randint(0, len(data[0]), (32,), generator=gen)
+            loss = distill_loss(model, [d[idx] for d in data])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    print(f"{steps} steps in {time.time() - t0:.0f} s; the real run: python qat.py --wbits 4 --abits 4 "
+          f"--minutes 60 --out ...   (see --help)")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        return lesson()
     args = get_args(argv)
     t0 = time.time()
     model, recipe, cfg, losses = train(args)
@@ -232,7 +266,8 @@ def main(argv=None):
     if int(os.environ.get("RANK", 0)) != 0:
         return
     if args.out:
-        export(model, recipe, cfg, args.out, {k: v for k, v in vars(args).items() if v is not None})
+        calib = {k: v for k, v in vars(args).items() if v is not None}
+        export(model, recipe, cfg, args.out, dict(calib, fp_sha256=dit.file_sha256(args.ckpt)))
         msg += f"; saved {args.out}"
     print(msg)
 

@@ -20,6 +20,7 @@ from diffusion import Diffusion, class_labels, guided, make_noise
 
 DEFAULT_CKPT = dit.DEFAULT_CKPT
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
+QAT = "hqdm"  # a trained checkpoint (qat.py --out), never made on the fly
 BEST_METHOD = {"w8a8": "ditas", "w4a8": "rtn", "w4a4": "hadanorm", "w4a3": "hadanorm"}  # best PSNR vs FP, README table
 
 
@@ -119,7 +120,8 @@ def get_args(argv=None):
     for name, (wb, ab) in SETTINGS.items():
         q.add_argument(f"--{name}", dest="bits", action="store_const", const=name,
                        help=f"{wb}-bit weights, {ab}-bit activations (default recipe: {BEST_METHOD[name]})")
-    ap.add_argument("--method", default=None, choices=calibrate.METHODS, help="PTQ recipe for the bit setting")
+    ap.add_argument("--method", default=None, choices=calibrate.METHODS + (QAT,),
+                    help=f"PTQ recipe for the bit setting, or {QAT}: the qat.py checkpoint beside --ckpt")
     ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the cached one "
                     "beside --ckpt (created by calibrating on the first run)")
     ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead of the integer path")
@@ -158,12 +160,6 @@ def quantized_path(ckpt, setting, method):
     return f"{ckpt[:-3] if ckpt.endswith('.pt') else ckpt}_{setting}_{method}.pt"
 
 
-def file_sha256(path):
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def load_model(args):
     """-> (model, config, description): FP; a quantized checkpoint (integer path); or FP quantized now."""
     if args.method and not args.bits:
@@ -181,10 +177,16 @@ def load_model(args):
     stale = False
     if not args.qckpt and os.path.exists(path) and os.path.exists(args.ckpt):  # cache made from this FP file?
         calib = torch.load(path, map_location="cpu", weights_only=True).get("calibration", {})
-        stale = calib.get("fp_sha256") != file_sha256(args.ckpt)
+        stale = calib.get("fp_sha256") != dit.file_sha256(args.ckpt)
+    if method == QAT and not args.qckpt and (args.simulate or stale or not os.path.exists(path)):
+        why = "--simulate needs float weights" if args.simulate else ("was trained from another FP file" if stale
+                                                                     else "does not exist")
+        raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py --ckpt {args.ckpt} "
+                         f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --minutes 60 --out {path}")
     if not args.simulate and os.path.exists(path) and not stale:
         model, cfg, recipe = calibrate.load_quantized(path)
-        if args.bits and (recipe["method"] != method or (recipe["wq"].bits, recipe["aq"].bits) != SETTINGS[args.bits]):
+        same = recipe["method"] == method or (method == QAT and recipe["method"].startswith(QAT + "-"))
+        if args.bits and (not same or (recipe["wq"].bits, recipe["aq"].bits) != SETTINGS[args.bits]):
             raise ValueError(f"{path} holds {recipe['method']} W{recipe['wq'].bits}A{recipe['aq'].bits}, "
                              f"not {method} {args.bits.upper()}")
         path_kind = "integer" if recipe.get("integer") else "simulated"
@@ -198,7 +200,7 @@ def load_model(args):
     if args.simulate:
         return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {dt:.1f} s)"
     quant.to_integer(model)
-    calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": file_sha256(args.ckpt)})
+    calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": dit.file_sha256(args.ckpt)})
     return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
 
 

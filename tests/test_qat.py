@@ -106,3 +106,43 @@ def test_two_process_torchrun_matches_one_process(tmp_path, teacher):
     assert len(got["one"]) == 2
     for a, b in zip(got["one"], got["two"]):
         assert abs(a - b) <= 1e-4 * abs(a)
+
+
+def test_lesson_loss_goes_down(capsys, monkeypatch):
+    from conftest import ROOT
+    monkeypatch.chdir(ROOT)  # the lesson reads the shipped checkpoint
+    qat.lesson(steps=10, n=2, traj_steps=3)
+    losses = [float(l.split()[-1]) for l in capsys.readouterr().out.splitlines() if l.strip().startswith("step")]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+
+
+def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
+    import evaluate
+    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / "r"), 1))
+    out = str(tmp_path / "q.pt")
+    qat.export(model, recipe, cfg, out, {})
+    evaluate.main(["--table", "--ckpt", teacher, "--n", "4", "--steps", "2", "--settings", "", "--methods", "",
+                   "--qckpt", out])
+    rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+    assert rows[1].startswith("| FP32 | 4 |") and rows[2].startswith("| W4A4 hqdm-single (q.pt) | 4 |")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        evaluate.main(["--table", "--ckpt", teacher, "--qckpt", str(tmp_path / "none.pt")])
+
+
+def test_sample_w4a4_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teacher, capsys):
+    import sample
+    png = str(tmp_path / "s.png")
+    base = ["--ckpt", teacher, "--w4a4", "--method", "hqdm", "--n", "2", "--steps", "2", "--out", png]
+    with pytest.raises(ValueError, match="QAT checkpoints come from training"):
+        sample.main(base)  # never calibrated on the fly
+    path = sample.quantized_path(teacher, "w4a4", "hqdm")
+    qat.main(["--ckpt", teacher, "--steps", "1", "--traj", "2", "--traj-steps", "3", "--batch-size", "8",
+              "--state-dir", str(tmp_path / "run"), "--out", path])
+    capsys.readouterr()
+    sample.main(base)
+    assert "W4A4 hqdm-single integer (loaded" in capsys.readouterr().out
+    fp = torch.load(teacher, weights_only=True)
+    fp["step"] = 7
+    torch.save(fp, teacher)
+    with pytest.raises(ValueError, match="trained from another FP file"):
+        sample.main(base)

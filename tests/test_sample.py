@@ -72,10 +72,10 @@ def test_missing_and_corrupt_checkpoints_exit_2(tmp_path):
 
 def test_w4a4_calibrates_once_then_loads_the_packed_checkpoint(tmp_path, tiny_ckpt, capsys):
     out = str(tmp_path / "q.png")
-    base = ["--ckpt", tiny_ckpt, "--w4a4", "--n", "2", "--steps", "2", "--out", out]
+    base = ["--ckpt", tiny_ckpt, "--w4a4", "--method", "hadanorm", "--n", "2", "--steps", "2", "--out", out]
     sample.main(base)
     first = capsys.readouterr().out
-    cache = sample.quantized_path(tiny_ckpt, "w4a4", sample.BEST_METHOD["w4a4"])
+    cache = sample.quantized_path(tiny_ckpt, "w4a4", "hadanorm")
     assert "integer (calibrated" in first and os.path.exists(cache)
     png1 = open(out, "rb").read()
     sample.main(base)
@@ -114,8 +114,9 @@ def test_simulate_agrees_with_integer(tmp_path, tiny_ckpt):
 def test_quantized_bad_input_exit_2(tmp_path, tiny_ckpt):
     r = run_cli("--ckpt", tiny_ckpt, "--w4a4", "--simulate", "--qckpt", tiny_ckpt)
     assert r.returncode == 2 and "--simulate" in r.stderr
-    sample.main(["--ckpt", tiny_ckpt, "--w4a4", "--n", "2", "--steps", "1", "--out", str(tmp_path / "x.png")])
-    path = sample.quantized_path(tiny_ckpt, "w4a4", sample.BEST_METHOD["w4a4"])
+    sample.main(["--ckpt", tiny_ckpt, "--w4a4", "--method", "hadanorm", "--n", "2", "--steps", "1",
+                 "--out", str(tmp_path / "x.png")])
+    path = sample.quantized_path(tiny_ckpt, "w4a4", "hadanorm")
     ck = torch.load(path, weights_only=True)
     ck["model"]["blocks.0.attn.qkv.w_int"] = ck["model"]["blocks.0.attn.qkv.w_int"].to(torch.int32)  # corrupt
     torch.save(ck, tmp_path / "bad.pt")
