@@ -191,10 +191,10 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lor
             x = stats[n]["samples"].to(lin.weight.device)
             ref = lin(x)
             wq_lin = quant.fake_quant(lin.weight.detach(), wq) if wq else lin.weight.detach()
-            # exercise ditas_alpha: grid-search α in [0, 1] (21 points) for the lowest quantized-layer MSE
+            # exercise ditas_alpha: grid-search α in [0, 1] (21 points) and "no smoothing" for the lowest layer MSE
             best = None
-            for a in torch.linspace(0, 1, 21).tolist():
-                s = smooth_scale(stats[n]["absmax"], wq_lin, a)
+            for a in [None] + torch.linspace(0, 1, 21).tolist():  # None: s = 1, so DiTAS can fall back to RTN
+                s = torch.ones_like(wq_lin[0]) if a is None else smooth_scale(stats[n]["absmax"], wq_lin, a)
                 err = layer_mse(lin, dict(wq=wq, aq=aq, scale=s), x, ref)
                 if best is None or err < best[0]:
                     best = (err, a, s)

@@ -112,12 +112,22 @@ def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
     recipe = calibrate.build_recipe(m, stats, method, *bits, lora_rank=4, lora_iters=3)
     calibrate.apply_recipe(m, recipe)
     x, t, y = inputs()
+    ins = {}  # each layer's input in the simulated model
+    hooks = [q.register_forward_pre_hook(lambda mod, inp, n=n: ins.__setitem__(n, inp[0]))
+             for n, _, _, q in quant.quant_layers(m)]
     with torch.no_grad():
         sim = m(x, t, y)
+        for h in hooks:
+            h.remove()
+        sim_layers = {n: q(ins[n]) for n, _, _, q in quant.quant_layers(m)}
         quant.to_integer(m)
         out = m(x, t, y)
+        for n, _, _, q in quant.quant_layers(m):  # layer by layer: equal to float rounding
+            ref = sim_layers[n]
+            assert ((q(ins[n]) - ref).abs().max() / ref.abs().max()).item() < 1e-5, n
+    # end to end, a float-rounding difference may flip one activation code somewhere: close, not equal
     rel = ((out - sim).abs().max() / sim.abs().max()).item()
-    assert rel < 1e-4, rel
+    assert rel < 1e-2, rel
 
 
 def test_static_per_timestep_recipe_round_trip(tmp_path, tiny_ckpt):
