@@ -197,7 +197,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("signs", None if signs is None else signs.float())
         self.register_buffer("mu_static", None if static_mean is None else static_mean.detach().float().clone())
         if self.s is not None:
-            # exercise hadanorm: fold the channel scale into the weight, W diag(s)
+            # exercise hadanorm: fold the channel scale into W, W diag(s); center and scale x in transform_input
             W = W * self.s  # W diag(s)
             # end exercise hadanorm
         if rotate and not single:

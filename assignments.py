@@ -1,0 +1,215 @@
+"""Course hand-outs: a copy of the project with chosen exercise regions removed, and how to grade them.
+
+An exercise is a region of a stage file between two one-line comments, readable in place:
+
+    # exercise NAME: one-sentence task
+    ...the code a student writes...
+    # end exercise NAME
+
+A name may mark several regions (pack and unpack, say). The hand-out keeps both comments and replaces
+the code between them by `raise NotImplementedError("exercise NAME: <task>")` at the same indentation.
+The tests that grade NAME are the tests that fail when NAME alone is removed. They are measured, not
+guessed: `python assignments.py --map` generates one hand-out per exercise, runs the suite in each
+and records the failures in tests/exercises.json (tests/test_assignments.py checks that the record
+still holds).
+
+    python assignments.py --list                         # exercises, their task and their tests
+    python assignments.py --out handout                  # every exercise removed
+    python assignments.py --out handout --only paley int4_pack
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+import dit
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+MAP_FILE = os.path.join("tests", "exercises.json")
+TOOL_FILES = ("assignments.py", os.path.join("tests", "test_assignments.py"))  # instructor-only, not handed out
+SKIP_DIRS = ("__pycache__", "runs")
+OPEN = re.compile(r"^(\s*)# exercise ([a-z0-9_]+): (.+?)\s*$")
+CLOSE = re.compile(r"^(\s*)# end exercise ([a-z0-9_]+)\s*$")
+
+
+#################################################################################
+#                          Finding the exercise regions                         #
+#################################################################################
+
+def project_files(root=ROOT, exclude=None):
+    """Relative paths of the project's files: git's tracked and not-ignored ones in a checkout, else a
+    walk without hidden folders, caches and run outputs."""
+    exclude = os.path.abspath(exclude) if exclude else None
+    if os.path.isdir(os.path.join(root, ".git")):
+        ls = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                            capture_output=True, text=True)
+        if ls.returncode == 0:
+            files = [f for f in ls.stdout.splitlines() if os.path.isfile(os.path.join(root, f))]
+            return [f for f in files if not (exclude and os.path.abspath(os.path.join(root, f)).startswith(exclude + os.sep))]
+    out = []
+    for d, dirs, files in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in SKIP_DIRS
+                         and os.path.abspath(os.path.join(d, x)) != exclude)
+        out += [os.path.relpath(os.path.join(d, f), root) for f in sorted(files) if not f.endswith(".pyc")]
+    return out
+
+
+def find_exercises(root=ROOT):
+    """-> {name: {"task": str, "regions": [(file, first, last, indent, task)]}} (0-based inner line range)."""
+    ex = {}
+    for rel in project_files(root):
+        if not rel.endswith(".py") or rel in TOOL_FILES:
+            continue
+        lines = open(os.path.join(root, rel), encoding="utf-8").read().split("\n")
+        cur = None
+        for i, line in enumerate(lines):
+            m, c = OPEN.match(line), CLOSE.match(line)
+            if m:
+                if cur:
+                    raise ValueError(f"{rel}:{i + 1}: exercise {m[2]} opens inside exercise {cur[0]}")
+                cur = (m[2], i, m[1], m[3])
+            elif c:
+                if not cur or c[2] != cur[0]:
+                    raise ValueError(f"{rel}:{i + 1}: 'end exercise {c[2]}' without its opening comment")
+                name, start, indent, task = cur
+                if i == start + 1:
+                    raise ValueError(f"{rel}:{start + 1}: exercise {name} is empty")
+                e = ex.setdefault(name, {"task": task, "regions": []})
+                e["regions"].append((rel, start + 1, i - 1, indent, task))
+                cur = None
+        if cur:
+            raise ValueError(f"{rel}:{cur[1] + 1}: exercise {cur[0]} is never closed")
+    return ex
+
+
+def load_map(root=ROOT):
+    path = os.path.join(root, MAP_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing: run `python assignments.py --map` to measure it")
+    return json.load(open(path))
+
+
+#################################################################################
+#                               Writing a hand-out                               #
+#################################################################################
+
+def strip(text, regions):
+    """Replaces the inner lines of each region by one raise (the marker comments stay)."""
+    lines = text.split("\n")
+    for _, first, last, indent, task in sorted(regions, key=lambda r: -r[1]):  # bottom up: indices stay valid
+        name = OPEN.match(lines[first - 1])[2]
+        msg = f"exercise {name}: {task}".replace("\\", "\\\\").replace('"', '\\"')
+        lines[first:last + 1] = [f'{indent}raise NotImplementedError("{msg}")']
+    return "\n".join(lines)
+
+
+def check_out(out, root=ROOT):
+    out, root = os.path.realpath(out), os.path.realpath(root)
+    if out == root or root.startswith(out + os.sep):
+        raise ValueError(f"--out {out} is the project itself (or contains it); choose a new folder")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise ValueError(f"--out {out} exists and is not an empty folder; nothing written")
+
+
+def write_handout(out, names, root=ROOT, exercises=None):
+    """Copies the project to `out` with the exercises `names` removed; returns the files changed."""
+    exercises = exercises or find_exercises(root)
+    unknown = [n for n in names if n not in exercises]
+    if unknown:
+        raise ValueError(f"unknown exercise {', '.join(unknown)}; choose from {', '.join(exercises)}")
+    check_out(out, root)
+    by_file = {}
+    for n in names:
+        for r in exercises[n]["regions"]:
+            by_file.setdefault(r[0], []).append(r)
+    files = [f for f in project_files(root, exclude=out) if f not in TOOL_FILES]  # listed before writing
+    for rel in files:
+        dst = os.path.join(out, rel)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if rel in by_file:
+            with open(dst, "w", encoding="utf-8") as f:
+                f.write(strip(open(os.path.join(root, rel), encoding="utf-8").read(), by_file[rel]))
+        else:
+            shutil.copy2(os.path.join(root, rel), dst)
+    return sorted(by_file)
+
+
+#################################################################################
+#                  Measuring which tests grade which exercise                   #
+#################################################################################
+
+def run_suite(folder, tests=(), timeout=3600):
+    """Runs pytest in `folder` -> {node id: failure message or None (passed)}."""
+    xml = os.path.join(folder, "runs", "junit.xml")
+    os.makedirs(os.path.dirname(xml), exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *tests]
+    subprocess.run(cmd, cwd=folder, capture_output=True, timeout=timeout)
+    results = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        file = case.get("classname").replace(".", "/") + ".py"
+        bad = case.find("failure") if case.find("failure") is not None else case.find("error")
+        results[f"{file}::{case.get('name')}"] = None if bad is None else (bad.get("message") or "") + (bad.text or "")
+    return results
+
+
+def measure_map(root=ROOT):
+    """One full hand-out run, then one run per exercise over the tests the full run failed."""
+    ex = find_exercises(root)
+    with tempfile.TemporaryDirectory() as tmp:
+        write_handout(os.path.join(tmp, "all"), list(ex), root, ex)
+        failed = sorted(t for t, msg in run_suite(os.path.join(tmp, "all")).items() if msg is not None)
+        print(f"all exercises removed: {len(failed)} tests fail", file=sys.stderr)
+        mapping = {}
+        for n in ex:
+            write_handout(os.path.join(tmp, n), [n], root, ex)
+            res = run_suite(os.path.join(tmp, n), failed)
+            mapping[n] = sorted(t for t, msg in res.items() if msg is not None)
+            print(f"{n}: {len(mapping[n])} tests", file=sys.stderr)
+    return mapping
+
+
+#################################################################################
+#                                     CLI                                       #
+#################################################################################
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Write a course hand-out: the project with chosen exercise regions "
+                                             "replaced by NotImplementedError, and the tests that grade each.")
+    ap.add_argument("--out", help="new (or empty) folder for the hand-out")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="remove only these exercises (default: all)")
+    ap.add_argument("--list", action="store_true", help="show the exercises, their task and their tests")
+    ap.add_argument("--map", action="store_true", help=f"re-measure {MAP_FILE} (runs the suite once per exercise)")
+    args = ap.parse_args(argv)
+    ex = find_exercises()
+    if args.map:
+        mapping = measure_map()
+        with open(os.path.join(ROOT, MAP_FILE), "w") as f:
+            json.dump(mapping, f, indent=1)
+            f.write("\n")
+        print(f"wrote {MAP_FILE}")
+        return
+    mapping = load_map()
+    names = args.only or list(ex)
+    if args.list or not args.out:
+        if not args.list:
+            raise ValueError("give --out DIR (or --list); see --help")
+        for n in names if args.only else ex:
+            if n not in ex:
+                raise ValueError(f"unknown exercise {n}; choose from {', '.join(ex)}")
+            where = ", ".join(f"{r[0]}:{r[1]}" for r in ex[n]["regions"])
+            print(f"{n:14s} {ex[n]['task']}\n{'':14s} in {where}; graded by {len(mapping.get(n, []))} tests:")
+            print("".join(f"{'':16s}{t}\n" for t in mapping.get(n, [])))
+        return
+    changed = write_handout(args.out, names, exercises=ex)
+    print(f"wrote {args.out}: {len(names)} exercises removed in {', '.join(changed)}")
+    for n in names:
+        print(f"\n{n}: {ex[n]['task']}\n  grade: cd {args.out} && python -m pytest " + " ".join(mapping.get(n, [])))
+
+
+if __name__ == "__main__":
+    dit.run_cli(main)

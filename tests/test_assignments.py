@@ -1,0 +1,97 @@
+"""assignments.py: well-formed exercise regions, hand-outs whose failing tests are exactly the mapped ones."""
+import os
+
+import pytest
+
+import assignments
+from conftest import ROOT, run_script
+
+EX = assignments.find_exercises()
+MAP = assignments.load_map()
+CHEAP = "ditas_lora"  # an exercise whose tests are few: the --only run of the default suite
+
+
+def test_eight_to_twelve_exercises_each_graded_by_an_existing_test():
+    assert 8 <= len(EX) <= 12
+    assert set(MAP) == set(EX), "tests/exercises.json is stale: run `python assignments.py --map`"
+    for name, tests in MAP.items():
+        assert tests, f"exercise {name} is graded by no test"
+        for t in tests:
+            file, func = t.split("::")
+            assert f"def {func.split('[')[0]}(" in open(os.path.join(ROOT, file)).read(), t
+
+
+def test_strip_keeps_the_markers_and_raises_the_task(tmp_path):
+    src = "def f(x):\n    # exercise sq: return x squared\n    y = x * x\n    return y\n    # end exercise sq\n"
+    (tmp_path / "m.py").write_text(src)
+    ex = assignments.find_exercises(str(tmp_path))
+    out = assignments.strip(src, ex["sq"]["regions"])
+    assert out == ('def f(x):\n    # exercise sq: return x squared\n'
+                   '    raise NotImplementedError("exercise sq: return x squared")\n    # end exercise sq\n')
+
+
+@pytest.mark.parametrize("src, msg", [
+    ("# exercise a: t\nx = 1\n", "never closed"),
+    ("# exercise a: t\n# exercise b: u\nx = 1\n# end exercise b\n# end exercise a\n", "opens inside"),
+    ("x = 1\n# end exercise a\n", "without its opening"),
+    ("# exercise a: t\n# end exercise a\n", "is empty"),
+])
+def test_malformed_markers_are_named(tmp_path, src, msg):
+    (tmp_path / "m.py").write_text(src)
+    with pytest.raises(ValueError, match=msg):
+        assignments.find_exercises(str(tmp_path))
+
+
+def test_list_shows_every_exercise_with_its_tests():
+    r = run_script("assignments.py", "--list")
+    assert r.returncode == 0, r.stderr
+    for name, tests in MAP.items():
+        assert f"{name} " in r.stdout and f"graded by {len(tests)} tests" in r.stdout and tests[0] in r.stdout
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["--only", "nope"], "unknown exercise nope"),
+    (["--out", ROOT], "is the project itself"),
+    (["--out", "NONEMPTY"], "not an empty folder"),
+    ([], "give --out"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, msg):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    args = [str(full) if a == "NONEMPTY" else a for a in args]
+    if "--out" not in args and args:
+        args += ["--out", str(tmp_path / "new")]
+    before = sorted(os.listdir(ROOT))
+    r = run_script("assignments.py", *args)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "new").exists() and os.listdir(full) == ["keep.txt"] and sorted(os.listdir(ROOT)) == before
+
+
+def failures(out_dir, only=None):
+    """Writes a hand-out (all exercises, or `only`), runs its whole suite, returns {failed test: message}."""
+    r = run_script("assignments.py", "--out", str(out_dir), *(["--only", only] if only else []))
+    assert r.returncode == 0, r.stderr
+    return {t: m for t, m in assignments.run_suite(str(out_dir)).items() if m is not None}
+
+
+def check(failed, names):
+    expected = set().union(*(MAP[n] for n in names))
+    assert set(failed) == expected, (f"fail but not mapped: {sorted(set(failed) - expected)}; "
+                                     f"mapped but pass: {sorted(expected - set(failed))}")
+    for t, msg in failed.items():
+        assert "NotImplementedError" in msg and "exercise " in msg, (t, msg[-500:])
+
+
+def test_full_handout_fails_exactly_the_mapped_tests(tmp_path):
+    check(failures(tmp_path / "handout"), list(EX))
+
+
+def test_only_one_exercise_fails_only_its_tests(tmp_path):
+    check(failures(tmp_path / "handout", CHEAP), [CHEAP])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EX))
+def test_each_exercise_alone_fails_only_its_tests(tmp_path, name):
+    check(failures(tmp_path / "handout", name), [name])
