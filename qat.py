@@ -116,7 +116,7 @@ def get_args(argv=None):
     ap.add_argument("--buckets", type=int, default=10, help="timestep buckets of activation step sizes")
     ap.add_argument("--steps", type=int, default=3000, help="optimizer steps")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=1e-5, help="weights")
+    ap.add_argument("--lr", type=float, default=3e-4, help="weights (3e-4 beat 1e-4 and 1e-5 over 120 steps)")
     ap.add_argument("--lr-scale", type=float, default=1e-3, help="step sizes")
     ap.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation targets")
     ap.add_argument("--traj-steps", type=int, default=25)
