@@ -21,7 +21,7 @@ from diffusion import Diffusion, class_labels, guided, make_noise
 DEFAULT_CKPT = dit.DEFAULT_CKPT
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
 QAT = "hqdm"  # a trained checkpoint (qat.py --out), never made on the fly
-BEST_METHOD = {"w8a8": "ditas", "w4a8": "rtn", "w4a4": "hadanorm", "w4a3": "hadanorm"}  # best PSNR vs FP, README table
+BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "hadanorm", "w4a3": "hadanorm"}  # best PSNR vs FP, README table
 
 
 #################################################################################
