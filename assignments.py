@@ -42,21 +42,26 @@ CLOSE = re.compile(r"^(\s*)# end exercise ([a-z0-9_]+)\s*$")
 #################################################################################
 
 def project_files(root=ROOT, exclude=None):
-    """Relative paths of the project's files: git's tracked and not-ignored ones in a checkout, else a
-    walk without hidden folders, caches and run outputs."""
-    exclude = os.path.abspath(exclude) if exclude else None
+    """Relative paths of the project's files: git's tracked and not-ignored ones in a checkout (with git
+    installed), else a walk without hidden folders, caches and run outputs; nothing under `exclude`."""
+    files = None
     if os.path.isdir(os.path.join(root, ".git")):
-        ls = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
-                            capture_output=True, text=True)
-        if ls.returncode == 0:
-            files = [f for f in ls.stdout.splitlines() if os.path.isfile(os.path.join(root, f))]
-            return [f for f in files if not (exclude and os.path.abspath(os.path.join(root, f)).startswith(exclude + os.sep))]
-    out = []
-    for d, dirs, files in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in SKIP_DIRS
-                         and os.path.abspath(os.path.join(d, x)) != exclude)
-        out += [os.path.relpath(os.path.join(d, f), root) for f in sorted(files) if not f.endswith(".pyc")]
-    return out
+        try:
+            ls = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+                                capture_output=True, text=True)
+            if ls.returncode == 0:
+                files = [f for f in ls.stdout.splitlines() if os.path.isfile(os.path.join(root, f))]
+        except OSError:  # no git on this machine
+            pass
+    if files is None:
+        files = []
+        for d, dirs, names in os.walk(root):
+            dirs[:] = sorted(x for x in dirs if not x.startswith(".") and x not in SKIP_DIRS)
+            files += [os.path.relpath(os.path.join(d, f), root) for f in sorted(names) if not f.endswith(".pyc")]
+    if exclude:
+        exclude = os.path.abspath(exclude) + os.sep
+        files = [f for f in files if not os.path.abspath(os.path.join(root, f)).startswith(exclude)]
+    return files
 
 
 def find_exercises(root=ROOT):
@@ -195,16 +200,17 @@ def main(argv=None):
         return
     mapping = load_map()
     names = args.only or list(ex)
-    if args.list or not args.out:
-        if not args.list:
-            raise ValueError("give --out DIR (or --list); see --help")
-        for n in names if args.only else ex:
-            if n not in ex:
-                raise ValueError(f"unknown exercise {n}; choose from {', '.join(ex)}")
+    unknown = [n for n in names if n not in ex]
+    if unknown:
+        raise ValueError(f"unknown exercise {', '.join(unknown)}; choose from {', '.join(ex)}")
+    if args.list:
+        for n in names:
             where = ", ".join(f"{r[0]}:{r[1]}" for r in ex[n]["regions"])
             print(f"{n:14s} {ex[n]['task']}\n{'':14s} in {where}; graded by {len(mapping.get(n, []))} tests:")
             print("".join(f"{'':16s}{t}\n" for t in mapping.get(n, [])))
         return
+    if not args.out:
+        raise ValueError("give --out DIR (or --list); see --help")
     changed = write_handout(args.out, names, exercises=ex)
     print(f"wrote {args.out}: {len(names)} exercises removed in {', '.join(changed)}")
     for n in names:

@@ -223,10 +223,6 @@ def apply_recipe(model, recipe):
 #                                 Reporting                                     #
 #################################################################################
 
-def sqnr(ref, x):
-    return (10 * torch.log10(ref.pow(2).mean() / (x - ref).pow(2).mean().clamp(min=1e-20))).item()
-
-
 @torch.no_grad()
 def layer_report(fp_model, q_model, stats):
     """Per layer: SQNR of the quantized activations (raw vs transformed) and of the layer output."""
@@ -243,9 +239,9 @@ def layer_report(fp_model, q_model, stats):
             ref[..., 2 * D:] /= proj.s  # DiTAS folded proj's 1/s into the V rows: compare like with like
         xin = x / q.s if getattr(q, "input_prescaled", False) else x
         xt, _ = q.transform_input(xin)
-        a_raw = sqnr(x, quant.fake_quant(x, q.aq)) if q.aq else float("inf")
-        a_t = sqnr(xt, quant.fake_quant(xt, q.aq)) if q.aq else float("inf")
-        rows.append((name, a_raw, a_t, sqnr(ref, q(xin))))
+        a_raw = quant.sqnr(x, quant.fake_quant(x, q.aq)) if q.aq else float("inf")
+        a_t = quant.sqnr(xt, quant.fake_quant(xt, q.aq)) if q.aq else float("inf")
+        rows.append((name, a_raw, a_t, quant.sqnr(ref, q(xin))))
     return rows
 
 

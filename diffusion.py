@@ -3,15 +3,18 @@
 What DiT needs from ADM's 873-line file, and nothing else. Schedule arithmetic is in float64
 (as the official code, in numpy) and cast to the sample's dtype at each use.
 
-    python diffusion.py      # prints the schedule's endpoints and the respaced timesteps
+    python diffusion.py      # lesson: a real image noised at several t (PNG strip), ᾱ_t, SNR
 """
 import argparse
+import os
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from tqdm import tqdm
 
+import data
 import dit
 
 
@@ -178,14 +181,12 @@ def make_noise(n, model, seed):
 
 def lesson_image(data_dir=None):
     """A real training image (Fashion-MNIST, if installed) or else one DDIM sample of the shipped model."""
-    import os
-    import data
     try:
         return data.load("train", data_dir)[0][:1].float(), "Fashion-MNIST training image 0"  # (1, 1, 32, 32)
     except FileNotFoundError:
-        model = dit.load_checkpoint(dit.DEFAULT_CKPT)[0] if os.path.exists(dit.DEFAULT_CKPT) else None
-        if model is None:
+        if not os.path.exists(dit.DEFAULT_CKPT):
             raise
+        model = dit.load_checkpoint(dit.DEFAULT_CKPT)[0]
         x = Diffusion.make(steps=25).sample(guided(model, torch.tensor([0]), 4.0), make_noise(1, model, 0))
         return x, "a DDIM sample of the shipped model (data set not installed)"
 
@@ -197,9 +198,6 @@ def main():
     ap.add_argument("--out", default="runs/lessons/noising.png", help="the PNG strip of x_t")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
     args = ap.parse_args()
-    import os
-    from PIL import Image
-    import data  # the one later-stage import: the lesson shows a real image
     d = Diffusion.make()
     print(f"betas {d.betas[0]:.2e} -> {d.betas[-1]:.2e}; alpha_bar {d.alphas_cumprod[0]:.6f} -> {d.alphas_cumprod[-1]:.3e}")
     x0, src = lesson_image(args.data_dir)
@@ -213,7 +211,8 @@ def main():
         print(f"{t:5d} {a:9.5f} {10 * np.log10(a / (1 - a)):9.2f} {corr.item():14.3f}")
     strip = torch.cat(list(xt.clamp(-1, 1)), dim=-1)  # (C, H, W·len(ts)): left t=0 ... right t=999
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Image.fromarray(data.to_uint8(strip[None])[0, ..., 0].numpy()).resize((strip.shape[-1] * 4, strip.shape[-2] * 4), Image.NEAREST).save(args.out)
+    img = Image.fromarray(data.to_uint8(strip[None])[0, ..., 0].numpy())
+    img.resize((img.width * 4, img.height * 4), Image.NEAREST).save(args.out)
     r = d.respace(args.steps)
     print(f"wrote {args.out} (t = {ts}); respaced to {r.num_timesteps} steps: "
           f"t = {r.timestep_map[:5].tolist()} ... {r.timestep_map[-3:].tolist()}")

@@ -8,6 +8,7 @@ load with strict=True), same init, same pos-embed layout, same adaLN-Zero blocks
 """
 import argparse
 import math
+import os
 
 import numpy as np
 import torch
@@ -370,7 +371,6 @@ def load_official(path, config="DiT-XL/2", image_size=256):
 
 def save_checkpoint(path, model, config, **extra):
     """Saves our own checkpoint: half-precision weights + the config that rebuilds the model."""
-    import os
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
     tmp = f"{path}.tmp"
     torch.save({"model": sd, "config": dict(config), **extra}, tmp)
@@ -424,7 +424,6 @@ def main():
 @torch.no_grad()
 def shape_walk(path=DEFAULT_CKPT):
     """Lesson: the tensor shapes through one forward of the shipped tiny model (random init if absent)."""
-    import os
     m = load_checkpoint(path)[0] if os.path.exists(path) else build(TINY)
     src = path if os.path.exists(path) else "random init"
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([999, 500]), torch.tensor([0, 9])
@@ -437,9 +436,11 @@ def shape_walk(path=DEFAULT_CKPT):
     for blk in m.blocks:
         h = blk(h, c)  # (N, T, D)
     out = m.final_layer(h, c)  # (N, T, p*p*C)
-    rows += [(f"after {len(m.blocks)} DiT blocks", h), ("final layer", out), ("unpatchify: predicted noise", m.unpatchify(out))]
+    rows += [(f"after {len(m.blocks)} DiT blocks", h), ("final layer", out),
+             ("unpatchify: predicted noise", m.unpatchify(out))]
     for name, v in rows:
         print(f"  {name:32s} {tuple(v.shape)}")
+
 
 if __name__ == "__main__":
     run_cli(main)

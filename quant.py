@@ -167,6 +167,11 @@ def unpack_int4(p):
     # end exercise int4_pack
 
 
+def sqnr(ref, x):
+    """Signal-to-quantization-noise ratio of x against ref, in dB."""
+    return (10 * torch.log10(ref.pow(2).mean() / (x - ref).pow(2).mean().clamp(min=1e-20))).item()
+
+
 def quantize_tokens(x, bits):
     """Dynamic symmetric per-token quantization -> (int8 codes (M, K), float scales (M, 1))."""
     qmax = 2 ** (bits - 1) - 1
@@ -463,10 +468,7 @@ def main():
     for bits in (8, 4, 3):
         for g, kw in (("per tensor", dict(granularity="tensor")), ("per token", {}),
                       ("per group of 32", dict(granularity="group", group_size=32))):
-            row = []
-            for x in acts.values():
-                err = (fake_quant(x, QConfig(bits, **kw)) - x).pow(2).mean()
-                row.append(10 * torch.log10(x.pow(2).mean() / err).item())
+            row = [sqnr(x, fake_quant(x, QConfig(bits, **kw))) for x in acts.values()]
             print(f"{bits:4d} {g:16s}" + "".join(f"{v:10.2f}" for v in row))
     print("each bit is worth ~6 dB; finer scales help most where a few channels or tokens are outliers")
 
