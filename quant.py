@@ -39,7 +39,8 @@ class QConfig:
     group_size: int = 128
     range: str = "minmax"  # "minmax" | "mse" (search of the clipping ratio)
     dynamic: bool = True  # activations: scale from the tensor at run time, or calibrated (static)
-    buckets: int = 1  # static activations: one scale per timestep bucket (1 = one for all steps)
+    buckets: int = 1  # static: one scale per timestep bucket (1 = one for all steps); clip: one ratio per bucket
+    clip: bool = False  # dynamic per-token: step = ratio_bucket · max|x_token| / qmax, the ratio learnable (QAT)
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -50,6 +51,8 @@ class QConfig:
             raise ValueError(f"unknown range method {self.range!r}")
         if not self.dynamic and not (self.symmetric and self.granularity == "tensor"):
             raise ValueError("static activation scales are symmetric and per tensor (per timestep bucket)")
+        if self.clip and not (self.dynamic and self.symmetric and self.granularity == "row"):
+            raise ValueError("a learnable clipping ratio is for dynamic symmetric per-token activations")
 
 
 def levels(cfg):
@@ -216,6 +219,8 @@ class QuantLinear(nn.Module):
         self.input_prescaled = False  # DiTAS: x / s already folded into the producing layer
         static = aq is not None and not aq.dynamic
         self.register_buffer("a_scale", torch.ones(aq.buckets) if static else None)  # per timestep bucket
+        clip = aq is not None and aq.clip
+        self.register_buffer("a_clip", torch.ones(aq.buckets) if clip else None)  # 1 = per-token min-max
         self.t_bucket = None  # (N,) bucket of each sample, set by the model's timestep hook
         self.observe = False  # calibration: record max|x̃| per bucket into a_max
         self.refresh_weight_quant()
@@ -255,11 +260,18 @@ class QuantLinear(nn.Module):
             mu = None if mu is None else hadamard.transform(mu, block=self.block, signs=self.signs)
         return x, mu
 
-    def static_scale(self, xt):
-        """The calibrated activation scale of each sample's timestep bucket, shaped (N, 1, 1)."""
+    def per_bucket(self, v, xt):
+        """v[bucket of each sample], shaped (N, 1, 1) to broadcast over its tokens and channels."""
         b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
-        s = self.a_scale.clamp(min=1e-8)  # a learnable (QAT) step must stay positive
-        return s[b.to(s.device)].view(-1, *[1] * (xt.dim() - 1))
+        return v[b.to(v.device)].view(-1, *[1] * (xt.dim() - 1))
+
+    def static_scale(self, xt):
+        """The activation step of each token: the calibrated one of its sample's timestep bucket, or
+        (clip) its own max|x̃| times the bucket's learned clipping ratio, over qmax."""
+        if self.a_clip is not None:
+            m = xt.detach().abs().amax(-1, keepdim=True)  # (N, T, 1), a constant for the gradient
+            return (m * self.per_bucket(self.a_clip.clamp(min=1e-3), xt) / levels(self.aq)[1]).clamp(min=1e-12)
+        return self.per_bucket(self.a_scale.clamp(min=1e-8), xt)  # a learnable (QAT) step must stay positive
 
     def observe_input(self, xt):
         b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
@@ -271,7 +283,7 @@ class QuantLinear(nn.Module):
     def act_quant(self, xt):
         if self.aq is None or not self.quantize_enabled:
             return xt
-        if self.aq.dynamic:
+        if self.aq.dynamic and self.a_clip is None:
             return fake_quant(xt, self.aq)
         return fake_quant_with(xt, self.static_scale(xt), 0.0, self.aq)
 
@@ -321,9 +333,9 @@ class QuantLinear(nn.Module):
         """x̃ -> int codes (per token, or static) -> _int_mm (int8 x int8 -> int32) -> dequantise."""
         xt, mu = self.transform_input(x)  # (N, T, K), mean term (N, 1, K) or None
         lead = xt.shape[:-1]
-        if self.aq.dynamic:
+        if self.aq.dynamic and self.a_clip is None:
             xq, sx = quantize_tokens(xt.reshape(-1, self.in_features), self.aq.bits)  # (M, K) int8, (M, 1)
-        else:  # static: the calibrated scale of each sample's timestep bucket, repeated over its tokens
+        else:  # static (per timestep bucket, repeated over the tokens) or clipped per token: as simulated
             s = self.static_scale(xt).expand(*lead, 1)
             qmin, qmax = levels(self.aq)
             xq = torch.clamp((xt / s).round(), qmin, qmax).to(torch.int8).reshape(-1, self.in_features)
@@ -407,10 +419,11 @@ def quantize_model(model, recipe):
 
 
 def attach_timestep_hook(model):
-    """Static per-timestep activation scales need each sample's timestep: a pre-hook on the timestep
-    embedder (called on every forward, CFG included) hands every QuantLinear its bucket,
-    t * buckets // 1000. Not on the DiT itself: forward_with_cfg calls self.forward directly."""  # important!
-    qs = [m for m in model.modules() if isinstance(m, QuantLinear) and m.a_scale is not None]
+    """Per-timestep activation scales (static) and clipping ratios (clip) need each sample's timestep:
+    a pre-hook on the timestep embedder (called on every forward, CFG included) hands every
+    QuantLinear its bucket, t * buckets // 1000. Not on the DiT itself: forward_with_cfg calls
+    self.forward directly."""  # important!
+    qs = [m for m in model.modules() if isinstance(m, QuantLinear) and (m.a_scale is not None or m.a_clip is not None)]
     if not qs:
         return None
 

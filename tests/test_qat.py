@@ -41,20 +41,57 @@ def test_lsq_step_gradient_is_the_ste_formula_and_matches_finite_differences_whe
     assert torch.equal(torch.autograd.grad(quant.fake_quant_with(xg, s.detach(), 0.0, cfg).sum(), xg)[0], torch.ones(2))
 
 
-def test_a_few_qat_steps_lower_the_distillation_loss(teacher):
+def test_clip_ratio_gradient_reaches_each_bucket_and_matches_finite_differences_when_clipped():
+    """Per-token steps r_b · max|x̃| / qmax: with every element at its token's max and r < 1 all codes
+    clip, so the layer is linear in r and the LSQ gradient must equal the finite difference."""
+    torch.manual_seed(0)
+    q = quant.QuantLinear(torch.nn.Linear(8, 4), QConfig(4), QConfig(4, clip=True, buckets=3))
+    q.a_clip = torch.nn.Parameter(torch.tensor([0.5, 0.6, 0.7]))
+    q.t_bucket = torch.tensor([0, 2])  # the middle bucket gets no sample: no gradient
+    x = torch.sign(torch.randn(2, 3, 8)) * torch.rand(2, 3, 1)  # (N, T, K): |x| constant along each token
+    f = lambda: q(x).sum()
+    auto = torch.autograd.grad(f(), q.a_clip)[0]
+    assert auto[1] == 0 and auto[0] != 0 and auto[2] != 0
+    eps, fd = 1e-3, []
+    with torch.no_grad():
+        for b in range(3):
+            q.a_clip[b] += eps
+            up = f().item()
+            q.a_clip[b] -= 2 * eps
+            fd.append((up - f().item()) / (2 * eps))
+            q.a_clip[b] += eps
+    torch.testing.assert_close(auto, torch.tensor(fd), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("act", qat.ACTS)
+def test_a_few_qat_steps_lower_the_distillation_loss(teacher, act):
     fp, _ = dit.load_checkpoint(teacher)
-    model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4)
+    model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4, act=act)
     data = qat.trajectories(fp, n=4, steps=3)
     batch = [d[:16] for d in data]
     qs = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
-    opt = torch.optim.Adam([p for q in qs for p in (q.weight, q.w_scale, q.a_scale)], lr=1e-3)
+    opt = torch.optim.Adam([p for q in qs for p in qat.steps_of(q, weight=True)], lr=1e-3)
     before = qat.distill_loss(model, batch).item()
     for _ in range(5):
         opt.zero_grad()
         qat.distill_loss(model, batch).backward()
         opt.step()
-    assert all(q.a_scale.grad is not None and q.a_scale.grad.abs().sum() > 0 for q in qs)  # gradients reach the steps
+    a = [q.a_clip if act == "token" else q.a_scale for q in qs]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a)  # gradients reach the activation steps
     assert qat.distill_loss(model, batch).item() < before
+
+
+def test_hadanorm_init_with_token_clip_starts_at_ptq_hadanorm(teacher):
+    """Step 0 of the default QAT (clip ratios 1) is PTQ HadaNorm in the single-Hadamard form; the
+    double form is exactly PTQ HadaNorm."""
+    fp, _ = dit.load_checkpoint(teacher)
+    x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([40, 700]), torch.tensor([1, 2])
+    ptq_model = dit.load_checkpoint(teacher)[0]
+    ptq = calibrate.quantize_fp(ptq_model, "hadanorm", 4, 4, calib_n=2, calib_steps=4, seed=0)
+    double, rec = qat.prepare(fp, 4, 4, "double", calib_n=2, calib_steps=4)
+    assert rec["center"] == "dynamic" and all(torch.equal(ptq["scales"][k], v) for k, v in rec["scales"].items())
+    with torch.no_grad():
+        torch.testing.assert_close(double(x, t, y), ptq_model(x, t, y))
 
 
 def args(teacher, run, steps, *extra):
@@ -71,9 +108,9 @@ def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teach
         qat.train(args(teacher, str(tmp_path / "b"), 6, "--resume", "--abits", "3"))
 
 
-@pytest.mark.parametrize("mode", qat.MODES)
-def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode):
-    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / mode), 2, "--hadamard", mode))
+@pytest.mark.parametrize("mode,act", [(m, "token") for m in qat.MODES] + [("single", "static")])
+def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode, act):
+    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / mode), 2, "--hadamard", mode, "--act", act))
     out = str(tmp_path / f"{mode}.pt")
     qat.export(model, recipe, cfg, out, {})
     loaded, _, rec = calibrate.load_quantized(out)
@@ -89,6 +126,8 @@ def test_bad_input_exit_2(teacher):
     r = subprocess.run([sys.executable, "qat.py", "--ckpt", teacher, "--abits", "2", "--steps", "1"], cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "unsupported bit width 2" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "qat.py", "--ckpt", teacher, "--act", "tensor"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice: 'tensor'" in r.stderr
 
 
 def test_two_process_torchrun_matches_one_process(tmp_path, teacher):
