@@ -348,15 +348,14 @@ class QuantLinear(nn.Module):
             y = torch._int_mm(xq, W.T).float() * sx * self.w_scale.view(1, -1)  # exact int32, then scales
             # end exercise int_matmul
         y = y.reshape(*lead, -1)
-        xf = xt if mu is None else xt + mu  # float input of the mean term and LoRA branch
-        if self.single:
-            mu, xf = (None if mu is None else self.unrotate(mu)), self.unrotate(xf)
+        if self.lora_u is not None:  # float branch on the unquantized transformed input
+            xf = xt if mu is None else xt + mu
+            y = y + ((self.unrotate(xf) if self.single else xf) @ self.lora_v.T) @ self.lora_u.T
         if mu is not None:  # HadaNorm mean term against the quantized weight: one row per sample
+            mu = self.unrotate(mu) if self.single else mu  # (N, 1, K): cheap, one row per sample
             y = y + mu @ (W.float() * self.w_scale).T
         if self.bias is not None:
             y = y + self.bias
-        if self.lora_u is not None:
-            y = y + (xf @ self.lora_v.T) @ self.lora_u.T
         return y
 
     def single_digits(self):
