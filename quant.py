@@ -294,14 +294,14 @@ class QuantLinear(nn.Module):
         if self.observe:
             self.observe_input(xt)
         xq = self.act_quant(xt)
-        xf = xt if mu is None else xt + mu  # unquantized transformed input (for the LoRA branch)
         if mu is not None:
             xq = xq + mu  # μ̃ shares Q(W̃): y = (Q(x̃) + μ̃) Q(W̃)ᵀ
         if self.single:  # HQ-DM: back to W's unrotated domain, y = [Q(x Hᵀ) H] Q(W)ᵀ
-            xq, xf = self.unrotate(xq), self.unrotate(xf)
+            xq = self.unrotate(xq)
         y = nn.functional.linear(xq, self.qweight(), self.bias)  # (N, T, N_out)
         if self.lora_u is not None:  # float branch on the unquantized transformed input
-            y = y + (xf @ self.lora_v.T) @ self.lora_u.T
+            xf = xt if mu is None else xt + mu
+            y = y + ((self.unrotate(xf) if self.single else xf) @ self.lora_v.T) @ self.lora_u.T
         return y
 
     def unrotate(self, x):
