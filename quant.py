@@ -377,9 +377,20 @@ class QuantLinear(nn.Module):
         return self._digits
 
     def single_int_mm(self, xq):
-        """xq (M, K) int8 codes of x Hᵀ -> xq M ᵀ / sqrt(block), exactly, as Σ_p 128^p _int_mm(xq, D_pᵀ)."""
-        acc = sum(torch._int_mm(xq, d.T).double() * 128 ** p for p, d in enumerate(self.single_digits()))
-        return (acc / (self.block or self.in_features) ** 0.5).float()  # (M, N_out)
+        """xq (M, K) int8 codes of x Hᵀ -> xq M ᵀ / sqrt(block), exactly, as Σ_p 128^p _int_mm(xq, D_pᵀ):
+        one _int_mm against the stacked digits, combined in int32 (int64 if this layer could overflow)."""
+        digits = self.single_digits()
+        if getattr(self, "_stacked", None) is None or self._stacked[0] is not digits:
+            m_max = sum(d.long() * 128 ** p for p, d in enumerate(digits)).abs().max().item()
+            wide = 2 ** (self.aq.bits - 1) * self.in_features * m_max >= 2 ** 31  # the bound of |xq Mᵀ|
+            self._stacked = (digits, torch.cat(digits), wide)  # (P·N_out, K) int8
+        _, D, wide = self._stacked
+        out, n = torch._int_mm(xq, D.T), self.out_features  # (M, P·N_out) int32
+        acc = out[:, :n].long() if wide else out[:, :n]
+        for p in range(1, len(digits)):
+            part = out[:, p * n:(p + 1) * n]
+            acc = acc + (part.long() if wide else part) * 128 ** p  # important! |part| · 128^p overflows int32 when wide
+        return acc.float() / (self.block or self.in_features) ** 0.5  # (M, N_out)
 
     def extra_repr(self):
         t = [n for n, on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),
