@@ -223,6 +223,21 @@ def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits):
     torch.testing.assert_close(q(x), y_sim, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("k,abits,wide", [(192, 4, False), (4608, 8, True)])
+def test_single_int_mm_is_exact_in_int32_and_where_int32_could_overflow(k, abits, wide):
+    torch.manual_seed(0)
+    lin = nn.Linear(k, 8)
+    lin.weight.data[0] = 0.1  # a constant row: H concentrates it into one entry of 7·K, the largest |M| can be
+    q = QuantLinear(lin, QConfig(4), QConfig(abits), rotate=True, single=True).to_integer()
+    M = sum(d.long() * 128 ** p for p, d in enumerate(q.single_digits()))  # (8, K) exact integers
+    lo = -(2 ** (abits - 1))
+    xq = torch.randint(lo, -lo, (5, k), dtype=torch.int8)
+    xq[0] = torch.where(M[0] >= 0, -lo - 1, lo).to(torch.int8)  # near the worst case for row 0
+    got = q.single_int_mm(xq)
+    assert q._stacked[2] is wide
+    assert torch.equal(got, (xq.long() @ M.T).float() / k ** 0.5)
+
+
 def test_single_needs_rotate():
     with pytest.raises(ValueError, match="single"):
         QuantLinear(nn.Linear(8, 8), single=True)
