@@ -21,7 +21,8 @@ from diffusion import Diffusion, class_labels, guided, make_noise
 DEFAULT_CKPT = dit.DEFAULT_CKPT
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
 QAT = "hqdm"  # a trained checkpoint (qat.py --out), never made on the fly
-BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "hadanorm", "w4a3": "hadanorm"}  # best PSNR vs FP, README table
+BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "hadanorm", "w4a3": "hadanorm"}  # best PTQ by PSNR vs FP
+BEST_QAT = ("w4a4", "w4a3")  # where the trained QAT checkpoint measured better than every PTQ recipe (README)
 
 
 #################################################################################
@@ -119,7 +120,9 @@ def get_args(argv=None):
     q = ap.add_mutually_exclusive_group()
     for name, (wb, ab) in SETTINGS.items():
         q.add_argument(f"--{name}", dest="bits", action="store_const", const=name,
-                       help=f"{wb}-bit weights, {ab}-bit activations (default recipe: {BEST_METHOD[name]})")
+                       help=f"{wb}-bit weights, {ab}-bit activations (default recipe: "
+                       + (f"{QAT} where its checkpoint is beside --ckpt, else " if name in BEST_QAT else "")
+                       + f"{BEST_METHOD[name]})")
     ap.add_argument("--method", default=None, choices=calibrate.METHODS + (QAT,),
                     help=f"PTQ recipe for the bit setting, or {QAT}: the qat.py checkpoint beside --ckpt")
     ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the cached one "
@@ -160,6 +163,24 @@ def quantized_path(ckpt, setting, method):
     return f"{ckpt[:-3] if ckpt.endswith('.pt') else ckpt}_{setting}_{method}.pt"
 
 
+def made_from(path, ckpt):
+    """Whether the quantized checkpoint `path` records the SHA-256 of the FP file `ckpt` (not stale)."""
+    calib = torch.load(path, map_location="cpu", weights_only=True).get("calibration", {})
+    return calib.get("fp_sha256") == dit.file_sha256(ckpt)
+
+
+def default_method(args):
+    """--method, else the trained QAT checkpoint beside --ckpt where QAT measured best (and that file
+    exists and was made from this FP file), else the best PTQ recipe, calibrated on first use."""
+    if args.method or not args.bits:
+        return args.method
+    qat_path = quantized_path(args.ckpt, args.bits, QAT)
+    if args.bits in BEST_QAT and not (args.simulate or args.qckpt) and os.path.exists(qat_path) \
+            and os.path.exists(args.ckpt) and made_from(qat_path, args.ckpt):
+        return QAT
+    return BEST_METHOD[args.bits]
+
+
 def load_model(args):
     """-> (model, config, description): FP; a quantized checkpoint (integer path); or FP quantized now."""
     if args.method and not args.bits:
@@ -172,12 +193,11 @@ def load_model(args):
     if not args.bits and not args.qckpt:
         model, cfg = dit.load_checkpoint(args.ckpt)
         return model, cfg, "fp32"
-    method = args.method or BEST_METHOD.get(args.bits)
+    method = default_method(args)
     path = args.qckpt or quantized_path(args.ckpt, args.bits, method)
     stale = False
     if not args.qckpt and os.path.exists(path) and os.path.exists(args.ckpt):  # cache made from this FP file?
-        calib = torch.load(path, map_location="cpu", weights_only=True).get("calibration", {})
-        stale = calib.get("fp_sha256") != dit.file_sha256(args.ckpt)
+        stale = not made_from(path, args.ckpt)
     if method == QAT and not args.qckpt and (args.simulate or stale or not os.path.exists(path)):
         why = "--simulate needs float weights" if args.simulate else ("was trained from another FP file" if stale
                                                                      else "does not exist")
@@ -185,7 +205,8 @@ def load_model(args):
                          f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --minutes 60 --out {path}")
     if not args.simulate and os.path.exists(path) and not stale:
         model, cfg, recipe = calibrate.load_quantized(path)
-        same = recipe["method"] == method or (method == QAT and recipe["method"].startswith(QAT + "-"))
+        same = (recipe["method"] == method or (method == QAT and recipe["method"].startswith(QAT + "-"))
+                or (args.qckpt and not args.method))  # a given file without --method: any recipe of those bits
         if args.bits and (not same or (recipe["wq"].bits, recipe["aq"].bits) != SETTINGS[args.bits]):
             raise ValueError(f"{path} holds {recipe['method']} W{recipe['wq'].bits}A{recipe['aq'].bits}, "
                              f"not {method} {args.bits.upper()}")

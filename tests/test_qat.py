@@ -180,8 +180,15 @@ def test_sample_w4a4_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, t
     capsys.readouterr()
     sample.main(base)
     assert "W4A4 hqdm-single integer (loaded" in capsys.readouterr().out
+    plain = [a for a in base if a not in ("--method", "hqdm")]
+    sample.main(plain)  # the default where QAT measured best: the trained checkpoint beside --ckpt
+    assert "W4A4 hqdm-single integer (loaded" in capsys.readouterr().out
+    sample.main(plain + ["--simulate"])  # QAT has no float form to simulate: the best PTQ recipe
+    assert "W4A4 hadanorm simulated" in capsys.readouterr().out
     fp = torch.load(teacher, weights_only=True)
     fp["step"] = 7
     torch.save(fp, teacher)
     with pytest.raises(ValueError, match="trained from another FP file"):
         sample.main(base)
+    sample.main(plain)  # a stale QAT file is not the default: PTQ HadaNorm, calibrated now
+    assert "W4A4 hadanorm integer (calibrated" in capsys.readouterr().out
