@@ -98,12 +98,15 @@ def make_learnable(model):
 @torch.no_grad()
 def trajectories(fp, n=64, steps=25, cfg_scale=4.0, seed=0):
     """Runs the FP model's DDIM with CFG from fixed noise and records, at every step, both halves
-    (class and null) of its input and raw output: (x_t, t, y, ε_fp), each (2·n·steps, ...)."""
+    (class and null) of its input and raw output: (x_t, t, y, ε_fp), each (2·n·steps, ...).
+    cfg_scale may be a tuple: trajectory i is guided with cfg_scale[i % len] (states of both)."""
     d = Diffusion.make(steps=steps)
     dev = next(fp.parameters()).device
     y = class_labels(n, list(range(fp.num_classes))).to(dev)
     null = torch.full_like(y, fp.num_classes)
     x = make_noise(n, fp, seed).to(dev)
+    scales = torch.tensor(cfg_scale if isinstance(cfg_scale, (tuple, list)) else [cfg_scale], dtype=x.dtype)
+    g = scales[torch.arange(n) % len(scales)].view(-1, 1, 1, 1).to(dev)  # (n, 1, 1, 1) guidance per trajectory
     X, T, Y, E = [], [], [], []
     for i in tqdm(range(steps)[::-1], desc="FP trajectories", leave=False, disable=None):
         t = torch.full((2 * n,), int(d.timestep_map[i]), dtype=torch.long, device=dev)
@@ -111,7 +114,7 @@ def trajectories(fp, n=64, steps=25, cfg_scale=4.0, seed=0):
         out = fp(x2, t, y2)  # (2n, C, H, W): conditional and unconditional predictions
         X.append(x2), T.append(t), Y.append(y2), E.append(out)
         cond, unc = out[:n], out[n:]
-        guided_eps = unc + cfg_scale * (cond - unc)
+        guided_eps = unc + g * (cond - unc)
         x = d.ddim_step(lambda *_: guided_eps, x, i, clip=fp.in_channels != 4)
     return torch.cat(X), torch.cat(T), torch.cat(Y), torch.cat(E)
 
@@ -142,6 +145,8 @@ def get_args(argv=None):
     ap.add_argument("--lr-scale", type=float, default=1e-3, help="step sizes")
     ap.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation targets")
     ap.add_argument("--traj-steps", type=int, default=25)
+    ap.add_argument("--traj-cfg", default="4.0", help="CFG scale(s) of the FP trajectories, comma-separated: "
+                    "trajectories alternate between them (e.g. 1.5,4.0: the metrics' and the pictures' scale)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state-dir", default="runs/qat", help="folder of the resumable state")
     ap.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
@@ -152,6 +157,10 @@ def get_args(argv=None):
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
         raise ValueError("--steps and --batch-size must be positive")
+    try:
+        args.traj_cfg = tuple(float(v) for v in args.traj_cfg.split(","))
+    except ValueError:
+        raise ValueError(f"--traj-cfg wants comma-separated numbers, got {args.traj_cfg!r}") from None
     return args
 
 
@@ -177,7 +186,7 @@ def train(args):
     torch.manual_seed(args.seed)
     model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets, seed=args.seed,
                             init=args.init, act=args.act)
-    data = trajectories(fp, args.traj, args.traj_steps, seed=args.seed)  # deterministic: rebuilt on resume
+    data = trajectories(fp, args.traj, args.traj_steps, args.traj_cfg, seed=args.seed)  # deterministic: rebuilt on resume
     opt = make_optimizer(model, args.lr, args.lr_scale)
     gen, step = torch.Generator().manual_seed(args.seed), 0
     if args.resume:

@@ -67,7 +67,12 @@ def test_clip_ratio_gradient_reaches_each_bucket_and_matches_finite_differences_
 def test_a_few_qat_steps_lower_the_distillation_loss(teacher, act):
     fp, _ = dit.load_checkpoint(teacher)
     model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4, act=act)
-    data = qat.trajectories(fp, n=4, steps=3)
+    data = qat.trajectories(fp, n=4, steps=3, cfg_scale=(4.0, 1.5))  # trajectories 0, 2 at CFG 4; 1, 3 at 1.5
+    one = qat.trajectories(fp, n=4, steps=3, cfg_scale=4.0)
+    i = torch.arange(24).view(3, 8)  # (3 steps, 8): per step [cond 0..3, null 0..3]
+    for d, o in zip(data, one):
+        torch.testing.assert_close(d[i[:, [0, 2, 4, 6]]], o[i[:, [0, 2, 4, 6]]])  # the CFG-4 trajectories agree
+    assert not torch.allclose(data[0][i[1:, 1]], one[0][i[1:, 1]])  # the CFG-1.5 ones go elsewhere
     batch = [d[:16] for d in data]
     qs = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
     opt = torch.optim.Adam([p for q in qs for p in qat.steps_of(q, weight=True)], lr=1e-3)
