@@ -124,6 +124,14 @@ def distill_loss(model, batch):
     return F.mse_loss(model(x, t, y), target)
 
 
+@torch.no_grad()
+def score(model, data, chunk=200):
+    """distill_loss over all targets, in chunks (no gradients): how close a model is to the FP one."""
+    n = len(data[0])
+    return sum(distill_loss(model, [d[i:i + chunk] for d in data]).item() * min(chunk, n - i)
+               for i in range(0, n, chunk)) / n
+
+
 #################################################################################
 #                                   Training                                    #
 #################################################################################
@@ -153,6 +161,9 @@ def get_args(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=200)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--score", nargs="+", default=None, metavar="QCKPT",
+                    help="no training: the distillation loss of these saved quantized checkpoints on the trajectories "
+                    "of --traj/--traj-steps/--traj-cfg/--seed (another --seed than training's: held-out ones)")
     ap.add_argument("--minutes", type=float, default=None, help="time budget: stop (and save) after this long")
     args = ap.parse_args(argv)
     if args.steps < 1 or args.batch_size < 1:
@@ -295,6 +306,13 @@ def main(argv=None):
         return lesson()
     args = get_args(argv)
     t0 = time.time()
+    if args.score:
+        fp = dit.load_checkpoint(args.ckpt)[0].requires_grad_(False)
+        data = trajectories(fp, args.traj, args.traj_steps, args.traj_cfg, seed=args.seed)
+        for path in args.score:
+            print(f"{path}: MSE(ε_q, ε_fp) {score(calibrate.load_quantized(path)[0], data):.3e} on {args.traj} "
+                  f"trajectories x {args.traj_steps} steps (seed {args.seed}, CFG {args.traj_cfg})")
+        return
     model, recipe, cfg, losses = train(args)
     msg = f"QAT {recipe['method']} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"
     if losses:

@@ -169,6 +169,12 @@ def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
                    "--qckpt", out])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
     assert rows[1].startswith("| FP32 | 4 |") and rows[2].startswith("| W4A4 hqdm-single (q.pt) | 4 |")
+    qat.main(["--ckpt", teacher, "--score", out, "--traj", "2", "--traj-steps", "3", "--seed", "7"])
+    data = qat.trajectories(fp=dit.load_checkpoint(teacher)[0], n=2, steps=3, seed=7)
+    q = calibrate.load_quantized(out)[0]
+    want = qat.distill_loss(q, data).item()
+    got = float(capsys.readouterr().out.split("MSE(ε_q, ε_fp) ")[1].split()[0])
+    assert abs(got - want) <= 1e-3 * want and abs(qat.score(q, data, chunk=5) - want) <= 1e-5 * want  # 12 = 5 + 5 + 2
     with pytest.raises(FileNotFoundError, match="no such file"):
         evaluate.main(["--table", "--ckpt", teacher, "--qckpt", str(tmp_path / "none.pt")])
 
