@@ -311,7 +311,7 @@ def main(argv=None):
         data = trajectories(fp, args.traj, args.traj_steps, args.traj_cfg, seed=args.seed)
         for path in args.score:
             print(f"{path}: MSE(ε_q, ε_fp) {score(calibrate.load_quantized(path)[0], data):.3e} on {args.traj} "
-                  f"trajectories x {args.traj_steps} steps (seed {args.seed}, CFG {args.traj_cfg})")
+                  f"trajectories x {args.traj_steps} steps (seed {args.seed}, CFG {'/'.join(map(str, args.traj_cfg))})")
         return
     model, recipe, cfg, losses = train(args)
     msg = f"QAT {recipe['method']} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"
