@@ -202,7 +202,7 @@ def load_model(args):
         why = "--simulate needs float weights" if args.simulate else ("was trained from another FP file" if stale
                                                                      else "does not exist")
         raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py --ckpt {args.ckpt} "
-                         f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --minutes 60 --out {path}")
+                         f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --out {path}")
     if not args.simulate and os.path.exists(path) and not stale:
         model, cfg, recipe = calibrate.load_quantized(path)
         same = (recipe["method"] == method or (method == QAT and recipe["method"].startswith(QAT + "-"))
