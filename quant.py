@@ -299,10 +299,14 @@ class QuantLinear(nn.Module):
         if self.single:  # HQ-DM: back to W's unrotated domain, y = [Q(x Hᵀ) H] Q(W)ᵀ
             xq = self.unrotate(xq)
         y = nn.functional.linear(xq, self.qweight(), self.bias)  # (N, T, N_out)
-        if self.lora_u is not None:  # float branch on the unquantized transformed input
-            xf = xt if mu is None else xt + mu
-            y = y + ((self.unrotate(xf) if self.single else xf) @ self.lora_v.T) @ self.lora_u.T
+        if self.lora_u is not None:
+            y = y + self.lora_branch(xt, mu)
         return y
+
+    def lora_branch(self, xt, mu):
+        """The float low-rank branch on the unquantized transformed input (W's domain in single mode)."""
+        xf = xt if mu is None else xt + mu
+        return ((self.unrotate(xf) if self.single else xf) @ self.lora_v.T) @ self.lora_u.T
 
     def unrotate(self, x):
         return hadamard.transform(x, inverse=True, block=self.block, signs=self.signs)
@@ -348,9 +352,8 @@ class QuantLinear(nn.Module):
             y = torch._int_mm(xq, W.T).float() * sx * self.w_scale.view(1, -1)  # exact int32, then scales
             # end exercise int_matmul
         y = y.reshape(*lead, -1)
-        if self.lora_u is not None:  # float branch on the unquantized transformed input
-            xf = xt if mu is None else xt + mu
-            y = y + ((self.unrotate(xf) if self.single else xf) @ self.lora_v.T) @ self.lora_u.T
+        if self.lora_u is not None:
+            y = y + self.lora_branch(xt, mu)
         if mu is not None:  # HadaNorm mean term against the quantized weight: one row per sample
             mu = self.unrotate(mu) if self.single else mu  # (N, 1, K): cheap, one row per sample
             y = y + mu @ (W.float() * self.w_scale).T
