@@ -1,16 +1,20 @@
-"""Speed and memory of the integer kernels, side by side in one run (DESIGN §7). A benchmark, not a test.
+"""Speed and memory of the integer path against its float peers, side by side in one run. A benchmark,
+not a test: ratios within one run are what to compare (machines differ, and so do days on one machine).
 
-Per layer y = x Wᵀ (M tokens, K in, N out): fp32 and bf16 F.linear; `torch._int_mm` on ready int8
-operands (the bound: no quantisation, no unpacking); our QuantLinear integer path at W8A8, W4A8,
-W4A4 packed, W4A4 + Hadamard, W4A4 + HadaNorm; W4A16 through torch's int4 weight-only kernel.
-End to end: a DiT-XL/2 forward on random weights and the tiny model's 50-step sampling.
-Medians over repeats after warm-up; GFLOP/s = 2MKN / t; ratios to fp32 and bf16.
+Per layer y = x Wᵀ (M tokens, K in, N out): fp32 and bf16 F.linear (eager, and bf16 compiled: the
+strongest float peer); the int8 bound (the fastest exact int8 GEMM on ready operands, `_int_mm` or
+oneDNN's int8 linear, no quantization around it); our IntLinear at W8A8, W4A4 HadaNorm and W4A4 HQ-DM
+(single Hadamard), eager and compiled, everything included (transform, quantization, GEMM,
+dequantization, mean term); W4A16 through torch's int4 weight-only kernel.
+End to end: a DiT-XL/2 forward on random weights, and the tiny model sampling as `sample.py` runs it,
+every model interleaved over rounds, with user and system CPU time.
 
-    python bench.py --quick          # < 60 s smoke run
-    python bench.py                  # the README table (minutes)
+    python bench.py --quick          # < 1 min smoke run
+    python bench.py                  # the tables in docs/speed.md (~15 min on 2 cores)
     python bench.py --device cuda    # the same on a GPU
 """
 import argparse
+import os
 import platform
 import resource
 import statistics
@@ -20,12 +24,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import calibrate
 import dit
+import integer
+import kernels
 import quant
+import sample
+from diffusion import class_labels
 from quant import QConfig, QuantLinear
 
 TINY_SHAPES = [(192, 576), (192, 192), (192, 768), (768, 192)]  # qkv, proj, fc1, fc2 of DiT-T/4
 XL_SHAPES = [(1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152)]
+VARIANTS = [("W8A8", 8, 8, {}),  # (name, weight bits, activation bits, QuantLinear arguments)
+            ("W4A4 HadaNorm", 4, 4, dict(rotate=True, center="dynamic", scale="s")),
+            ("W4A4 HQ-DM", 4, 4, dict(rotate=True, center="dynamic", scale="s", single=True))]
 
 
 def timeit(fn, device, repeats, warmup=2):
@@ -43,6 +55,16 @@ def timeit(fn, device, repeats, warmup=2):
     return statistics.median(ts)
 
 
+def machine(device):
+    """One line: the processor, its int8 / bf16 instructions (the ranking depends on them), threads."""
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    cap = torch._C._cpu._get_cpu_capability()
+    isa = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16") if cap.get(f)]
+    return (f"{cap.get('cpu_name') or platform.processor() or platform.machine()}, ISA: {', '.join(isa) or 'no VNNI/AMX'}"
+            f", {torch.get_num_threads()} threads")
+
+
 def int4_weight_only(w, device, group=32):
     """W4A16 with torch's own int4 weight-only kernel (asymmetric, groups of 32). Returns fn(x)."""
     N, K = w.shape
@@ -50,137 +72,179 @@ def int4_weight_only(w, device, group=32):
     lo, hi = wg.amin(-1), wg.amax(-1)
     scale = ((hi - lo) / 15).clamp(min=1e-8)  # (N, G)
     q = ((wg - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.int32).reshape(N, K)
-    zero = lo + 8 * scale  # torch dequantises (q - 8) * scale + zero
-    sz = torch.stack([scale.T, zero.T], -1).to(torch.bfloat16).contiguous()  # (G, N, 2)
+    sz = torch.stack([scale.T, (lo + 8 * scale).T], -1).to(torch.bfloat16).contiguous()  # (G, N, 2)
     if device == "cpu":
         packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
         return lambda x: torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)
     packed = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8).to(device), 8)
-    sz = sz.to(device)
-    return lambda x: torch._weight_int4pack_mm(x, packed, group, sz)
+    return lambda x: torch._weight_int4pack_mm(x, packed, group, sz.to(device))
 
 
-def compiled_row(q, x, device, repeats, nbytes):
-    """The same integer layer through torch.compile (fuses quantise / unpack / dequantise); the
-    compile cost is paid once and reported. Without a working compiler: reported, eager is kept."""
+def compiled(f, x):
+    """torch.compile(f), compiled on x -> (callable, seconds spent compiling)."""
     t0 = time.time()
-    try:
-        f = torch.compile(q.forward_int)
-        f(x)
-    except Exception as e:  # no C++ compiler / unsupported backend: the eager path still works
-        return (f"W4A4 + HadaNorm, torch.compile (unavailable: {type(e).__name__})", float("nan"), nbytes)
-    return (f"W4A4 + HadaNorm, torch.compile (compile {time.time() - t0:.0f} s)", timeit(lambda: f(x), device, repeats), nbytes)
+    c = torch.compile(f)
+    c(x)
+    return c, time.time() - t0
 
 
-def layer_rows(M, K, N, device, repeats, tokens_per_sample=256, compile=False):
-    """All variants for one shape -> list of (name, seconds, weight bytes)."""
+@torch.no_grad()
+def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
+    """Every variant at one shape -> [(name, seconds, stored bytes, resident bytes)]."""
     g = torch.Generator().manual_seed(0)
-    lin = nn.Linear(K, N, bias=False)
+    lin = nn.Linear(K, N, bias=True)
     lin.weight.data = torch.randn(N, K, generator=g) / K ** 0.5
-    x = torch.randn(max(1, M // tokens_per_sample), min(M, tokens_per_sample), K, generator=g)  # (B, T, K)
-    x32, w32 = x.to(device), lin.weight.data.to(device)
-    xb, wb = x32.bfloat16(), w32.bfloat16()
-    xi = torch.randint(-8, 8, (M, K), dtype=torch.int8, device=device)
-    wi = torch.randint(-8, 8, (N, K), dtype=torch.int8, device=device)
-    rows = [("fp32 F.linear", timeit(lambda: F.linear(x32, w32), device, repeats), 4 * N * K),
-            ("bf16 F.linear", timeit(lambda: F.linear(xb, wb), device, repeats), 2 * N * K),
-            ("int8 _int_mm alone (bound)", timeit(lambda: torch._int_mm(xi, wi.T), device, repeats), N * K)]
-    for name, wbits, abits, kw in (("W8A8", 8, 8, {}), ("W4A8", 4, 8, {}), ("W4A4 packed", 4, 4, {}),
-                                   ("W4A4 + Hadamard", 4, 4, dict(rotate=True)),
-                                   ("W4A4 + HadaNorm", 4, 4, dict(rotate=True, center="dynamic",
-                                                                  scale=torch.rand(K, generator=g) + 0.5))):
-        q = QuantLinear(lin, QConfig(wbits), QConfig(abits), **kw).to_integer().to(device)
-        nbytes = q.w_int.numel() * q.w_int.element_size() + 4 * N
-        rows.append((name, timeit(lambda: q(x32), device, repeats), nbytes))
+    x = torch.randn(max(1, M // tokens), min(M, tokens), K, generator=g).to(device)  # (samples, tokens, K)
+    xb, w32 = x.bfloat16(), lin.weight.data.to(device)
+    wb = w32.bfloat16()
+    rows = [("fp32 F.linear", timeit(lambda: F.linear(x, w32), device, repeats), 4 * N * K, 4 * N * K),
+            ("bf16 F.linear", timeit(lambda: F.linear(xb, wb), device, repeats), 2 * N * K, 2 * N * K)]
     if compile:
-        rows.append(compiled_row(q, x32, device, repeats, nbytes))
+        c, _ = compiled(lambda v: F.linear(v, wb), xb)
+        rows.append(("bf16 F.linear, compiled", timeit(lambda: c(xb), device, repeats), 2 * N * K, 2 * N * K))
+    qi = torch.randint(-8, 8, (x.shape[0] * x.shape[1], K), dtype=torch.int8, device=device)
+    wi = torch.randint(-8, 8, (N, K), dtype=torch.int8)
+    bound = []
+    for backend in integer.GEMMS if device == "cpu" else ("int_mm",):
+        try:
+            op = integer.prepare_weight(wi, backend) if backend != "int_mm" else wi.to(device).t()
+            a = qi if backend == "int_mm" else (qi.to(torch.int16) + 128).to(torch.uint8)
+            bound.append((timeit(lambda: integer.int_gemm(a, op, backend, N), device, repeats), backend))
+        except (RuntimeError, NotImplementedError):
+            continue
+    t, backend = min(bound)
+    rows.append((f"int8 GEMM alone ({backend}; the bound)", t, N * K, N * K))
+    for name, wbits, abits, kw in VARIANTS:
+        kw = dict(kw, scale=torch.rand(K, generator=g) + 0.5) if "scale" in kw else kw
+        q = integer.to_integer(QuantLinear(lin, QConfig(wbits), QConfig(abits), **kw)).to(device)
+        stored, resident = q.w_int.numel() + 4 * N, q.w_codes.numel() + 4 * N
+        rows.append((name, timeit(lambda: q(x), device, repeats), stored, resident))
+        if compile:
+            c, sec = compiled(q, x)
+            rows.append((f"{name}, compiled ({sec:.0f} s)", timeit(lambda: c(x), device, repeats), stored, resident))
     try:
         f = int4_weight_only(lin.weight.data, device)
-        rows.append(("W4A16 torch int4 kernel", timeit(lambda: f(xb.reshape(M, K)), device, repeats), N * K // 2 + 4 * N * K // 32))
-    except (RuntimeError, NotImplementedError) as e:  # kernel missing on this build/device
-        rows.append((f"W4A16 (unavailable: {str(e)[:40]})", float("nan"), N * K // 2))
+        rows.append(("W4A16 torch int4 kernel", timeit(lambda: f(xb.reshape(-1, K)), device, repeats),
+                     N * K // 2 + 4 * N * K // 32, N * K // 2 + 4 * N * K // 32))
+    except (RuntimeError, NotImplementedError) as e:  # kernel missing on this build / device
+        rows.append((f"W4A16 (unavailable: {str(e)[:40]})", float("nan"), N * K // 2, N * K // 2))
     return rows
 
 
 def print_layer_table(M, K, N, rows):
     t32, tbf = rows[0][1], rows[1][1]
+    tbc = next((t for n, t, *_ in rows if n.startswith("bf16 F.linear, compiled")), float("nan"))
+    bound = next(t for n, t, *_ in rows if n.startswith("int8 GEMM alone"))
     print(f"\n**M={M}, K={K}, N={N}**\n")
-    print("| kernel | median ms | GFLOP/s | × vs fp32 | × vs bf16 | weight bytes | × smaller than fp32 |")
-    print("|---|---|---|---|---|---|---|")
-    for name, t, nb in rows:
+    print("| kernel | median ms | GFLOP/s | × fp32 | × bf16 | × bf16 compiled | of the int8 bound | "
+          "weight bytes stored | resident |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, t, stored, resident in rows:
         print(f"| {name} | {1e3 * t:.3f} | {2 * M * K * N / t / 1e9:.1f} | {t32 / t:.2f} | {tbf / t:.2f} | "
-              f"{nb:,d} | {4 * N * K / nb:.1f} |")
+              f"{tbc / t:.2f} | {bound / t:.2f} | {stored:,d} | {resident:,d} |")
 
 
 @torch.no_grad()
-def xl_forward(device, repeats, quick):
+def xl_forward(device, repeats, compile=True):
     """DiT-XL/2 forward on random weights, batch 2 x 256 tokens: fp32, bf16, W4A4 HadaNorm integer."""
     torch.manual_seed(0)
-    m = dit.DiT_models["DiT-XL/2"]()
-    for name, _, _, lin in quant.quant_layers(m):
+    m = dit.DiT_models["DiT-XL/2"]().eval()
+    for _, _, _, lin in quant.quant_layers(m):
         lin.weight.data.normal_(0, 0.02)
-    m.eval()
-    x, t, y = torch.randn(2, 4, 32, 32), torch.tensor([10, 500]), torch.tensor([1, 2])
-    out = [("fp32", timeit(lambda: m.to(device)(x.to(device), t.to(device), y.to(device)), device, repeats, 1))]
-    mb = m.to(torch.bfloat16)
-    out.append(("bf16", timeit(lambda: mb(x.to(device, torch.bfloat16), t.to(device), y.to(device)), device, repeats, 1)))
-    m = m.float()
-    quant.quantize_model(m, {"wq": QConfig(4), "aq": QConfig(4), "rotate": True, "center": "dynamic"})
-    quant.to_integer(m)
+    x, t, y = torch.randn(2, 4, 32, 32, device=device), torch.tensor([10, 500], device=device), torch.tensor([1, 2], device=device)
     m.to(device)
-    out.append(("W4A4 HadaNorm integer", timeit(lambda: m(x.to(device), t.to(device), y.to(device)), device, repeats, 1)))
+    out = [("fp32", timeit(lambda: m(x, t, y), device, repeats, 1))]
+    mb = m.to(torch.bfloat16)
+    out.append(("bf16", timeit(lambda: mb(x.bfloat16(), t, y), device, repeats, 1)))
+    m.float()
+    quant.quantize_model(m, {"wq": QConfig(4), "aq": QConfig(4), "rotate": True, "center": "dynamic"})
+    integer.to_integer(m)
+    out.append(("W4A4 HadaNorm integer", timeit(lambda: m(x, t, y), device, repeats, 1)))
+    if compile:
+        c, sec = compiled(lambda v: m(v, t, y), x)
+        out.append((f"W4A4 HadaNorm integer, compiled ({sec:.0f} s)", timeit(lambda: c(x), device, repeats, 1)))
     return out
 
 
-def tiny_sampling(device, n, steps):
-    """The tiny model's DDIM sampling, fp32 vs W4A4 HadaNorm integer (shipped checkpoint if present)."""
-    from diffusion import class_labels
-    from sample import generate
-    import calibrate
-    try:
-        fp, _ = dit.load_checkpoint(dit.DEFAULT_CKPT)
-    except FileNotFoundError:
-        fp = dit.build(dit.TINY)
+def tiny_models(device, quick):
+    """(name, model) to sample: the FP model eager (sample.py's default) and compiled, bf16 compiled, and the
+    shipped or calibrated quantized models, compiled as `sample.py` runs them."""
+    if not os.path.exists(dit.DEFAULT_CKPT):
+        return [("fp32 eager (random weights)", dit.build(dit.TINY).to(device).eval())]
+    fp = lambda: dit.load_checkpoint(dit.DEFAULT_CKPT)[0].to(device)
+    out = [("fp32 eager", fp())]
+    if quick:
+        m = fp()
+        calibrate.quantize_fp(m, "hadanorm", 4, 4, calib_n=2, calib_steps=3)
+        return out + [("W4A4 HadaNorm (integer)", integer.to_integer(m).to(device))]
+    out += [("fp32 compiled", fp()), ("bf16 compiled", fp().to(torch.bfloat16))]
+    for name, path in (("W4A4 HadaNorm", "checkpoints/dit_t4_w4a4_hadanorm.pt"),
+                       ("W4A4 HQ-DM, shipped (sample.py --w4a4)", "checkpoints/dit_t4_w4a4_hqdm.pt")):
+        if os.path.exists(path):
+            out.append((f"{name} (integer)", calibrate.load_quantized(path)[0].to(device)))
+    return out
+
+
+def tiny_sampling(device, n, steps, rounds, quick, compile=True):
+    """Each model samples n images (DDIM, CFG 4.0) `rounds` times, interleaved -> [(name, compile s,
+    median s, user s, system s)]: CPU time per run from getrusage, so page faults show as system time."""
     labels = class_labels(n, list(range(10)))
-    out = [("fp32", timeit(lambda: generate(fp, labels, steps), "cpu", 1, 0))]
-    q, _ = (dit.load_checkpoint(dit.DEFAULT_CKPT) if device == "cpu" else (None, None))
-    if q is not None:
-        calibrate.quantize_fp(q, "hadanorm", 4, 4, calib_n=4, calib_steps=5)
-        out.append(("W4A4 HadaNorm simulated", timeit(lambda: generate(q, labels, steps), "cpu", 1, 0)))
-        quant.to_integer(q)
-        out.append(("W4A4 HadaNorm integer", timeit(lambda: generate(q, labels, steps), "cpu", 1, 0)))
-    return out
+    runs = []
+    for name, m in tiny_models(device, quick):
+        how = sample.accelerate(m, "on" if compile and ("compiled" in name or "integer" in name) else "off")
+        bf16 = next(m.parameters()).dtype == torch.bfloat16
+        if bf16:
+            fwd = m.forward
+            m.forward = lambda x, t, y, f=fwd: f(x.bfloat16(), t, y).float()  # float32 sampler around a bf16 model
+        ct = sample.warm_up(m, labels, 4.0) if how == "compiled" else 0.0
+        runs.append([name, m, ct, [], [], []])
+    for _ in range(rounds):
+        for r in runs:
+            u0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            sample.generate(r[1], labels, steps, 4.0)
+            r[3].append(time.perf_counter() - t0)
+            u1 = resource.getrusage(resource.RUSAGE_SELF)
+            r[4].append(u1.ru_utime - u0.ru_utime)
+            r[5].append(u1.ru_stime - u0.ru_stime)
+    return [(r[0], r[2], statistics.median(r[3]), statistics.median(r[4]), statistics.median(r[5])) for r in runs]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Benchmark packed-INT4 integer kernels against fp32/bf16/int8 peers.")
-    ap.add_argument("--quick", action="store_true", help="two shapes, few repeats, no XL forward (< 60 s)")
+    ap = argparse.ArgumentParser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused kernels) "
+                                             "against fp32 / bf16 peers, per layer and end to end, side by side.")
+    ap.add_argument("--quick", action="store_true", help="one small shape, no compile rows, tiny sampling (< 1 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (XL shapes, M=4096)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per layer row (default 10, quick 3)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved sampling runs per model")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = ap.parse_args(argv)
     dit.check_device(args.device)
-    dev = args.device
-    repeats = args.repeats or (3 if args.quick else 10)
-    name = torch.cuda.get_device_name() if dev == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"# bench: torch {torch.__version__}, {dev} ({name})")
-    if args.quick:
-        shapes = [(512, *TINY_SHAPES[2]), (512, *XL_SHAPES[1])]
-    else:
-        shapes = [(64 * 160, k, n) for k, n in TINY_SHAPES] + [(m, k, n) for m in (512, 1024, 4096) for k, n in XL_SHAPES]
+    if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
+        raise ValueError("--repeats and --rounds must be at least 1")
+    kernels.tune_allocator()  # as sample.py: freed activations stay in the process (no page faults)
+    dev, repeats = args.device, args.repeats or (3 if args.quick else 10)
+    compile = not (args.quick or args.no_compile)
+    ok, why = kernels.kernel_status()
+    print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; fused C kernel: {'yes' if ok else 'no (' + why + ')'}")
     t0 = time.time()
+    shapes = [(512, *TINY_SHAPES[2])] if args.quick else \
+        [(10240, k, n) for k, n in TINY_SHAPES] + [(m, k, n) for m in (1024, 4096) for k, n in XL_SHAPES]
     for M, K, N in shapes:
-        compile = not args.quick and not args.no_compile and M >= 4096 and K >= 1152
-        print_layer_table(M, K, N, layer_rows(M, K, N, dev, repeats, compile=compile))
+        print_layer_table(M, K, N, layer_rows(M, K, N, dev, repeats, compile))
     if not args.quick:
-        print("\n**DiT-XL/2 forward, batch 2 x 256 tokens, random weights**\n\n| precision | median s | × vs fp32 | × vs bf16 |\n|---|---|---|---|")
-        rows = xl_forward(dev, 3, args.quick)
+        print("\n**DiT-XL/2 forward, batch 2 x 256 tokens, random weights**\n\n"
+              "| model | median s | × fp32 | × bf16 |\n|---|---|---|---|")
+        rows = xl_forward(dev, 3, compile)
         for n, t in rows:
             print(f"| {n} | {t:.3f} | {rows[0][1] / t:.2f} | {rows[1][1] / t:.2f} |")
-    n, steps = (2, 5) if args.quick else (10, 50)
-    print(f"\n**Tiny model sampling, {n} images, DDIM {steps} steps, CFG 4.0**\n\n| model | s |\n|---|---|")
-    for nm, t in tiny_sampling(dev, n, steps):
-        print(f"| {nm} | {t:.2f} |")
+    n, steps = (2, 3) if args.quick else (80, 50)
+    rows = tiny_sampling(dev, n, steps, 1 if args.quick else args.rounds, args.quick, compile)
+    print(f"\n**Tiny model sampling as `sample.py` runs it: {n} images, DDIM {steps}, CFG 4.0 "
+          f"({1 if args.quick else args.rounds} interleaved rounds, medians)**\n")
+    print("| model | compile s | sampling s | × fp32 eager | CPU user s | CPU system s |\n|---|---|---|---|---|---|")
+    for name, ct, t, u, s in rows:
+        print(f"| {name} | {ct:.1f} | {t:.2f} | {rows[0][2] / t:.2f} | {u:.1f} | {s:.1f} |")
     print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; bench took {time.time() - t0:.0f} s")
 
 

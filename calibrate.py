@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 import dit
+import integer
 import quant
 from quant import QConfig, QuantLinear
 from diffusion import Diffusion, class_labels, guided, make_noise
@@ -290,7 +291,7 @@ def save_quantized(path, model, cfg, recipe, calib):
     scales; the layers kept in float are stored in fp16 (as the FP checkpoint)."""
     import os
     ser = {k: (v.__dict__.copy() if isinstance(v, QConfig) else v) for k, v in recipe.items()}
-    ser["integer"] = any(isinstance(m, QuantLinear) and m.weight is None for m in model.modules())
+    ser["integer"] = any(isinstance(m, integer.IntLinear) for m in model.modules())
     qnames = {n for n, *_ in quant.quant_layers(model)}
     sd = {k: (v.half() if v.is_floating_point() and k.rsplit(".", 1)[0] not in qnames else v)
           for k, v in model.state_dict().items()}
@@ -316,16 +317,17 @@ def load_quantized(path):
             r = recipe["lora_rank"]
             q.set_lora(torch.zeros(q.out_features, r), torch.zeros(r, q.in_features))
     if recipe.get("integer"):
-        quant.to_integer(model)
-    sd = ck["model"]
-    for k, v in model.state_dict().items():  # a corrupted packed tensor fails here, not in a matmul
+        integer.to_integer(model)
+    sd, own = dict(ck["model"]), model.state_dict()
+    for k in [k for k in sd if k.endswith(".w_zero") and k not in own]:  # older integer files: zero points
+        if sd[k].abs().max() != 0:
+            raise ValueError(f"{path}: {k} is not zero; the integer path is symmetric")
+        del sd[k]
+    for k, v in own.items():  # a corrupted packed tensor fails here, not in a matmul
         if k in sd and (sd[k].dtype in (torch.uint8, torch.int8) or v.dtype in (torch.uint8, torch.int8)) \
                 and (sd[k].dtype != v.dtype or sd[k].shape != v.shape):
             raise ValueError(f"{path}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, expected {v.dtype} {tuple(v.shape)}")
-    dit.load_state_dict_checked(model, sd, path)
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m._digits = None  # HQ-DM digits were derived from the placeholder weights: derive again
+    dit.load_state_dict_checked(model, sd, path)  # IntLinear re-derives its GEMM operands on load
     return model.eval(), cfg, recipe
 
 

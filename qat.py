@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 import calibrate
 import dit
+import integer
 import quant
 from diffusion import Diffusion, class_labels, make_noise
 from quant import QConfig, QuantLinear
@@ -257,7 +258,7 @@ def export(model, recipe, cfg, path, calib):
     """Packs the trained model (learned steps kept) for the integer path and saves it; loadable by
     `sample.py --qckpt` and `calibrate.load_quantized`."""
     model = copy.deepcopy(model).requires_grad_(False)
-    quant.to_integer(model)
+    integer.to_integer(model)
     calibrate.save_quantized(path, model, cfg, recipe, calib)
     return model
 

@@ -175,13 +175,6 @@ def sqnr(ref, x):
     return (10 * torch.log10(ref.pow(2).mean() / (x - ref).pow(2).mean().clamp(min=1e-20))).item()
 
 
-def quantize_tokens(x, bits):
-    """Dynamic symmetric per-token quantization -> (int8 codes (M, K), float scales (M, 1))."""
-    qmax = 2 ** (bits - 1) - 1
-    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp(min=1e-12)
-    return torch.clamp((x / s).round(), -qmax - 1, qmax).to(torch.int8), s
-
-
 #################################################################################
 #                                 QuantLinear                                    #
 #################################################################################
@@ -260,6 +253,10 @@ class QuantLinear(nn.Module):
             mu = None if mu is None else hadamard.transform(mu, block=self.block, signs=self.signs)
         return x, mu
 
+    @property
+    def buckets(self):
+        return self.aq.buckets if self.aq is not None else 1
+
     def per_bucket(self, v, xt):
         """v[bucket of each sample], shaped (N, 1, 1) to broadcast over its tokens and channels."""
         b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
@@ -288,8 +285,6 @@ class QuantLinear(nn.Module):
         return fake_quant_with(xt, self.static_scale(xt), 0.0, self.aq)
 
     def forward(self, x):
-        if self.weight is None:
-            return self.forward_int(x)
         xt, mu = self.transform_input(x)  # (N, T, K)
         if self.observe:
             self.observe_input(xt)
@@ -310,90 +305,6 @@ class QuantLinear(nn.Module):
 
     def unrotate(self, x):
         return hadamard.transform(x, inverse=True, block=self.block, signs=self.signs)
-
-    # --- integer execution -------------------------------------------------------------------
-    def to_integer(self):
-        """Freezes the layer for integer execution: packs the weight codes, frees the float weight."""
-        if self.weight is None:
-            return self  # already integer
-        wq, aq = self.wq, self.aq
-        dyn_ok = aq is not None and aq.dynamic and aq.granularity == "row" and aq.range == "minmax"
-        static_ok = aq is not None and not aq.dynamic
-        if wq is None or not (dyn_ok or static_ok) or not (wq.symmetric and aq.symmetric) or wq.granularity != "row":
-            raise ValueError("the integer path needs symmetric per-channel weights and symmetric activations: "
-                             "dynamic per-token min-max, or static per timestep bucket")
-        q, _, _ = quantize(self.weight, wq, (self.w_scale, self.w_zero))  # (N, K) int8 codes
-        self.register_buffer("w_int", pack_int4(q) if wq.bits <= 4 else q)
-        self.w_bits = wq.bits
-        del self.weight  # important! no float copy of W remains
-        self.weight = None
-        return self
-
-    def int_weight(self):
-        """(N, K) int8 codes of the weight (unpacked from two-per-byte storage for <= 4 bits)."""
-        return unpack_int4(self.w_int) if self.w_bits <= 4 else self.w_int
-
-    def forward_int(self, x):
-        """x̃ -> int codes (per token, or static) -> _int_mm (int8 x int8 -> int32) -> dequantise."""
-        xt, mu = self.transform_input(x)  # (N, T, K), mean term (N, 1, K) or None
-        lead = xt.shape[:-1]
-        if self.aq.dynamic and self.a_clip is None:
-            xq, sx = quantize_tokens(xt.reshape(-1, self.in_features), self.aq.bits)  # (M, K) int8, (M, 1)
-        else:  # static (per timestep bucket, repeated over the tokens) or clipped per token: as simulated
-            s = self.static_scale(xt).expand(*lead, 1)
-            qmin, qmax = levels(self.aq)
-            xq = torch.clamp((xt / s).round(), qmin, qmax).to(torch.int8).reshape(-1, self.in_features)
-            sx = s.reshape(-1, 1)
-        W = self.int_weight()  # (N_out, K) int8
-        if self.single:  # HQ-DM: codes of x Hᵀ against the exact integer matrix W_int H_rawᵀ
-            y = self.single_int_mm(xq) * sx * self.w_scale.view(1, -1)
-        else:
-            # exercise int_matmul: int8 x int8 -> int32 with torch._int_mm, then dequantise by both scales
-            y = torch._int_mm(xq, W.T).float() * sx * self.w_scale.view(1, -1)  # exact int32, then scales
-            # end exercise int_matmul
-        y = y.reshape(*lead, -1)
-        if self.lora_u is not None:
-            y = y + self.lora_branch(xt, mu)
-        if mu is not None:  # HadaNorm mean term against the quantized weight: one row per sample
-            mu = self.unrotate(mu) if self.single else mu  # (N, 1, K): cheap, one row per sample
-            y = y + mu @ (W.float() * self.w_scale).T
-        if self.bias is not None:
-            y = y + self.bias
-        return y
-
-    def single_digits(self):
-        """HQ-DM's integer weight: M = W_int H_rawᵀ (exact integers, |M| <= 2^(b-1) · block), split into
-        signed base-128 digits D_p in [-64, 63] so that M = Σ 128^p D_p and each D_p is an int8 operand.
-        Derived from the packed codes on first use (the checkpoint stores only packed int4)."""
-        if getattr(self, "_digits", None) is None:
-            b = self.block or self.in_features
-            R = (hadamard.transform(self.int_weight().double(), block=self.block, signs=self.signs) * b ** 0.5)
-            R = R.round().long()  # (N_out, K), exact: sums of ±integers
-            # exercise hqdm_digits: split the integer matrix R into signed base-128 digits in [-64, 63]
-            digits = []
-            while not digits or R.abs().max() > 0:
-                d = torch.remainder(R + 64, 128) - 64
-                digits.append(d.to(torch.int8))
-                R = (R - d) // 128
-            # end exercise hqdm_digits
-            self._digits = digits
-        return self._digits
-
-    def single_int_mm(self, xq):
-        """xq (M, K) int8 codes of x Hᵀ -> xq M ᵀ / sqrt(block), exactly, as Σ_p 128^p _int_mm(xq, D_pᵀ):
-        one _int_mm against the stacked digits, combined in int32 (int64 if this layer could overflow)."""
-        digits = self.single_digits()
-        if getattr(self, "_stacked", None) is None or self._stacked[0] is not digits:
-            m_max = sum(d.long() * 128 ** p for p, d in enumerate(digits)).abs().max().item()
-            wide = 2 ** (self.aq.bits - 1) * self.in_features * m_max >= 2 ** 31  # the bound of |xq Mᵀ|
-            self._stacked = (digits, torch.cat(digits), wide)  # (P·N_out, K) int8
-        _, D, wide = self._stacked
-        out, n = torch._int_mm(xq, D.T), self.out_features  # (M, P·N_out) int32
-        acc = out[:, :n].long() if wide else out[:, :n]
-        for p in range(1, len(digits)):
-            part = out[:, p * n:(p + 1) * n]
-            acc = acc + (part.long() if wide else part) * 128 ** p  # important! |part| · 128^p overflows int32 when wide
-        return acc.float() / (self.block or self.in_features) ** 0.5  # (M, N_out)
 
     def extra_repr(self):
         t = [n for n, on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),
@@ -433,18 +344,21 @@ def quantize_model(model, recipe):
 
 def attach_timestep_hook(model):
     """Per-timestep activation scales (static) and clipping ratios (clip) need each sample's timestep:
-    a pre-hook on the timestep embedder (called on every forward, CFG included) hands every
-    QuantLinear its bucket, t * buckets // 1000. Not on the DiT itself: forward_with_cfg calls
-    self.forward directly."""  # important!
-    qs = [m for m in model.modules() if isinstance(m, QuantLinear) and (m.a_scale is not None or m.a_clip is not None)]
-    if not qs:
-        return None
+    a pre-hook on the timestep embedder (called on every forward, CFG included) hands every layer that
+    has them its bucket, t * buckets // 1000. Not on the DiT itself: forward_with_cfg calls
+    self.forward directly. The layers are listed on the embedder, so a deep copy of the model
+    updates its own layers."""  # important!
+    emb = model.t_embedder
+    emb.bucket_users = [m for m in model.modules() if getattr(m, "a_scale", None) is not None
+                        or getattr(m, "a_clip", None) is not None]  # QuantLinear and its integer form
+    if emb.bucket_users and getattr(emb, "bucket_hook", None) is None:
+        emb.bucket_hook = emb.register_forward_pre_hook(_set_buckets)
 
-    def hook(mod, args):
-        t = args[0]  # (N,) original timesteps 0..999
-        for q in qs:
-            q.t_bucket = (t.long() * q.aq.buckets // 1000).clamp(0, q.aq.buckets - 1)
-    return model.t_embedder.register_forward_pre_hook(hook)
+
+def _set_buckets(emb, args):
+    t = args[0]  # (N,) original timesteps 0..999
+    for q in emb.bucket_users:
+        q.t_bucket = (t.long() * q.buckets // 1000).clamp(0, q.buckets - 1)
 
 
 def set_quantization(model, enabled):
@@ -452,14 +366,6 @@ def set_quantization(model, enabled):
     for m in model.modules():
         if isinstance(m, QuantLinear):
             m.quantize_enabled = enabled
-
-
-def to_integer(model):
-    """Switches every QuantLinear of a model to the packed integer path."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.to_integer()
-    return model
 
 
 @torch.no_grad()

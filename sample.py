@@ -15,6 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 import calibrate
 import data
 import dit
+import integer
+import kernels
 import quant
 from diffusion import Diffusion, class_labels, guided, make_noise
 
@@ -50,6 +52,45 @@ def generate(model, labels, steps=50, cfg_scale=4.0, seed=0, sampler="ddim", eta
         out.append(diffusion.sample(fn, noise[i:i + batch_size], sampler, eta, clip, g,
                                     progress=progress and len(batches) == 1))
     return torch.cat(out).cpu()
+
+
+#################################################################################
+#                              Faster float parts                               #
+#################################################################################
+
+class GELUTanh(torch.nn.Module):
+    """GELU's tanh form written as x·σ(2u), u = √(2/π)(x + 0.044715 x³): the same function, with one
+    exp where torch's kernel evaluates a tanh (measured ~30 ms of a 285 ms compiled W4A4 forward)."""
+    def forward(self, x):
+        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
+
+
+def accelerate(model, mode="auto"):
+    """torch.compile of the model's forward (the integer path's kernels, GEMMs and float parts as one
+    graph), for the integer path by default ("auto"), or "on" / "off". Returns a note for the report;
+    without a working compiler the model stays eager and the note says so."""
+    is_int = any(isinstance(m, integer.IntLinear) for m in model.modules())
+    if mode == "off" or (mode == "auto" and not is_int):
+        return "eager"
+    ok, why = kernels.compiler_status()
+    if not ok:
+        return f"eager ({why})"
+    if is_int:
+        for blk in model.blocks:
+            blk.mlp.act = GELUTanh()
+    model.forward = torch.compile(model.forward)  # forward_with_cfg calls self.forward: compile that  # important!
+    return "compiled"
+
+
+@torch.no_grad()
+def warm_up(model, labels, cfg_scale, batch_size=250):
+    """One forward at the first batch's shape, so that compiling is timed apart from sampling -> seconds."""
+    t0 = time.time()
+    b = min(len(labels), batch_size)
+    device = next(model.parameters()).device
+    x = make_noise(b, model, 0).to(device)
+    guided(model, labels[:b].to(device), cfg_scale)(x, torch.full((b,), 999, device=device))
+    return time.time() - t0
 
 
 #################################################################################
@@ -132,6 +173,9 @@ def get_args(argv=None):
     ap.add_argument("--image-size", type=int, default=None,
                     help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; needs --vae")
     ap.add_argument("--vae", default=None, help="SD-VAE decoder file (diffusers diffusion_pytorch_model.bin)")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                    help="torch.compile the model (auto: on for the integer path where a C++ compiler is present, "
+                    "off for full precision, the plain reference); compile time is reported apart")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     return ap.parse_args(argv)
 
@@ -153,7 +197,7 @@ def load_official_model(args):
         t0 = time.time()
         calibrate.quantize_fp(model.to(args.device), method, *SETTINGS[args.bits], calib_n=4, calib_steps=10)
         if not args.simulate:
-            quant.to_integer(model)
+            integer.to_integer(model)
         desc = f"{args.bits.upper()} {method} {'simulated' if args.simulate else 'integer'} (calibrated in {time.time() - t0:.0f} s)"
     return model, {"model": name}, desc, decoder
 
@@ -220,7 +264,7 @@ def load_model(args):
     dt = time.time() - t0
     if args.simulate:
         return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {dt:.1f} s)"
-    quant.to_integer(model)
+    integer.to_integer(model)
     calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": dit.file_sha256(args.ckpt)})
     return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
 
@@ -232,6 +276,7 @@ def main(argv=None):
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     dit.check_device(args.device)
+    kernels.tune_allocator()
     t0 = time.time()
     decoder = None
     if args.image_size or args.vae:
@@ -244,6 +289,9 @@ def main(argv=None):
     default = IMAGENET_CLASSES if decoder is not None else list(range(model.num_classes))
     classes = parse_classes(args.classes, model.num_classes) if args.classes else default
     labels = class_labels(args.n, classes)
+    how = accelerate(model, args.compile)
+    if how == "compiled":
+        how = f"compiled in {warm_up(model, labels, args.cfg_scale):.1f} s"
     t1 = time.time()
     images = generate(model, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta, progress=True)
     if decoder is not None:  # latents -> pixels
@@ -259,7 +307,7 @@ def main(argv=None):
     if args.npz:
         save_npz(images, labels, args.npz)
     print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | {args.sampler} "
-          f"{args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s, "
+          f"{args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s ({how}), "
           f"total {time.time() - t0:.1f} s" + cmp + (f" | npz {args.npz}" if args.npz else ""))
 
 

@@ -9,6 +9,7 @@ import torch
 
 import calibrate
 import dit
+import integer
 import quant
 from quant import QConfig, QuantLinear
 
@@ -120,7 +121,7 @@ def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
         for h in hooks:
             h.remove()
         sim_layers = {n: q(ins[n]) for n, _, _, q in quant.quant_layers(m)}
-        quant.to_integer(m)
+        integer.to_integer(m)
         out = m(x, t, y)
         for n, _, _, q in quant.quant_layers(m):  # layer by layer: equal to float rounding
             ref = sim_layers[n]
