@@ -16,7 +16,6 @@ import calibrate
 import data
 import dit
 import integer
-import kernels
 import quant
 from diffusion import Diffusion, class_labels, guided, make_noise
 
@@ -65,21 +64,35 @@ class GELUTanh(torch.nn.Module):
         return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
 
 
-def accelerate(model, mode="auto"):
-    """torch.compile of the model's forward (the integer path's kernels, GEMMs and float parts as one
-    graph), for the integer path by default ("auto"), or "on" / "off". Returns a note for the report;
-    without a working compiler the model stays eager and the note says so."""
+def accelerate(model, mode="auto", bf16=False):
+    """Makes sampling fast: torch.compile of the model's forward (the integer path's kernels, GEMMs and
+    float parts as one graph), for the integer path by default ("auto"), or "on" / "off"; with bf16 the
+    float parts (embedders, adaLN, norms, attention, final layer) run in bfloat16 while the quantized
+    layers keep their integer GEMM and float32 scales. Returns a note for the report; without a working
+    compiler the model stays eager and the note says so."""
     is_int = any(isinstance(m, integer.IntLinear) for m in model.modules())
+    note = []
+    if bf16:
+        for m in model.modules():
+            if not isinstance(m, integer.IntLinear):
+                for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
+                    if p is not None and p.is_floating_point():
+                        p.data = p.data.bfloat16()
+        forward = model.forward
+        model.forward = lambda x, t, y: forward(x.bfloat16(), t, y).float()  # the sampler stays float32
+        note.append("bf16 float parts")
     if mode == "off" or (mode == "auto" and not is_int):
-        return "eager"
-    ok, why = kernels.compiler_status()
+        return ", ".join(["eager"] + note)
+    ok, why = integer.kernels.compiler_status()
     if not ok:
-        return f"eager ({why})"
+        return ", ".join([f"eager ({why})"] + note)
     if is_int:
         for blk in model.blocks:
             blk.mlp.act = GELUTanh()
+    if any(getattr(m, "gemm", None) == "onednn" for m in model.modules()):
+        torch._inductor.config.freezing = True  # inductor lowers oneDNN's int8 linear only on constant (frozen) weights
     model.forward = torch.compile(model.forward)  # forward_with_cfg calls self.forward: compile that  # important!
-    return "compiled"
+    return ", ".join(["compiled"] + note)
 
 
 @torch.no_grad()
@@ -176,6 +189,8 @@ def get_args(argv=None):
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="torch.compile the model (auto: on for the integer path where a C++ compiler is present, "
                     "off for full precision, the plain reference); compile time is reported apart")
+    ap.add_argument("--bf16", action="store_true", help="run the float parts (embedders, adaLN, norms, attention, "
+                    "final layer; all of it for full precision) in bfloat16")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     return ap.parse_args(argv)
 
@@ -276,7 +291,7 @@ def main(argv=None):
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
     dit.check_device(args.device)
-    kernels.tune_allocator()
+    integer.kernels.tune_allocator()
     t0 = time.time()
     decoder = None
     if args.image_size or args.vae:
@@ -289,9 +304,9 @@ def main(argv=None):
     default = IMAGENET_CLASSES if decoder is not None else list(range(model.num_classes))
     classes = parse_classes(args.classes, model.num_classes) if args.classes else default
     labels = class_labels(args.n, classes)
-    how = accelerate(model, args.compile)
-    if how == "compiled":
-        how = f"compiled in {warm_up(model, labels, args.cfg_scale):.1f} s"
+    how = accelerate(model, args.compile, args.bf16)
+    if how.startswith("compiled"):
+        how = how.replace("compiled", f"compiled in {warm_up(model, labels, args.cfg_scale):.1f} s", 1)
     t1 = time.time()
     images = generate(model, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta, progress=True)
     if decoder is not None:  # latents -> pixels
