@@ -27,6 +27,7 @@ import sys
 import tempfile
 import xml.etree.ElementTree as ET
 
+import common
 import dit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -218,4 +219,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

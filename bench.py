@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import calibrate
 import dit
 import integer
@@ -219,7 +220,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3, help="interleaved sampling runs per model")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     args = ap.parse_args(argv)
-    dit.check_device(args.device)
+    common.check_device(args.device)
     if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
         raise ValueError("--repeats and --rounds must be at least 1")
     kernels.tune_allocator()  # as sample.py: freed activations stay in the process (no page faults)
@@ -249,4 +250,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

@@ -8,15 +8,22 @@ Recipes (DESIGN §5), all built on the one `QuantLinear`:
                  ablations: hadanorm-nomean, hadanorm-static (calibrated μ), hadanorm-noscale
     ditas        temporal-aggregated max, per-layer α grid search on output MSE, s folded into adaLN
                  (qkv, fc1) and V rows (proj), fc2 online; weight LoRA by alternating quantize / SVD
+    svdquant     SmoothQuant's migration, then the smoothed weight's best rank-r part runs in float and
+                 only the residual is quantized (Li et al., SVDQuant); svdquant-hadanorm: the same
+                 branch under HadaNorm's centring + scale + Hadamard
+    METHOD+a8    any of them with the layers whose 8-bit activations lower the guided ε error most per
+                 MAC kept at A8, within a budget (10% of the linear MACs by default)
 
     python calibrate.py --method hadanorm --wbits 4 --abits 4 --out checkpoints/dit_t4_hadanorm_w4a4.pt
 """
 import argparse
+import dataclasses
 import time
 
 import torch
 from tqdm import tqdm
 
+import common
 import dit
 import integer
 import quant
@@ -24,7 +31,8 @@ from quant import QConfig, QuantLinear
 from diffusion import Diffusion, class_labels, guided, make_noise
 
 METHODS = ("rtn", "smoothquant", "hadamard", "hadanorm", "hadanorm-nomean", "hadanorm-static",
-           "hadanorm-noscale", "ditas")
+           "hadanorm-noscale", "ditas", "svdquant", "svdquant-hadanorm")
+A8_SUFFIX = "+a8"  # "hadanorm+a8": the most sensitive layers at 8-bit activations, within a share of the MACs
 
 
 #################################################################################
@@ -139,6 +147,64 @@ def fold_ditas(model, scales):
         blk.attn.qkv.bias.data[2 * D:] /= s
 
 
+def lowrank_branch(q, rank):
+    """SVDQuant: the best rank-r part L = U S Vᵀ of the (smoothed, transformed) weight W̃ runs in float
+    as the low-rank branch, and only the residual W̃ − L is quantized, with its own, narrower scales.
+    Returns (share of W̃'s energy ‖L‖² / ‖W̃‖², max|W̃ − L| / max|W̃|): how much of the weight, and of
+    its outliers, the branch takes."""
+    W = q.weight.detach().clone()
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    # exercise svdquant_branch: split W̃ into its best rank-r part (kept in float) and the residual (quantized)
+    L = (U[:, :rank] * S[:rank]) @ Vh[:rank]
+    q.weight.data = W - L
+    q.refresh_weight_quant()  # the residual's own per-channel scales
+    q.set_lora(U[:, :rank] * S[:rank], Vh[:rank])
+    # end exercise svdquant_branch
+    return (S[:rank].pow(2).sum() / S.pow(2).sum()).item(), ((W - L).abs().max() / W.abs().max()).item()
+
+
+def sample_states(model, n=8, steps=8, cfg_scale=4.0, seed=1234):
+    """The sampler's states (x_t, t, y) along the model's own DDIM trajectories, one batch per step."""
+    diffusion = Diffusion.make(steps=steps)
+    device = next(model.parameters()).device
+    y = class_labels(n, list(range(model.num_classes))).to(device)
+    x, fn, out = make_noise(n, model, seed).to(device), guided(model, y, cfg_scale), []
+    for i in range(steps)[::-1]:
+        out.append((x, torch.full((n,), int(diffusion.timestep_map[i]), device=device), y))
+        x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)
+    return out
+
+
+@torch.no_grad()
+def choose_a8_layers(model, recipe, states, budget, cfg_scale=4.0):
+    """Mixed precision by sensitivity: each layer's score is how much the guided ε error (against the FP
+    model, on its own trajectory states) falls when that layer alone gets 8-bit activations; layers are
+    kept at A8 by score per MAC, greedily, while their MACs stay within `budget` of all linear MACs."""
+    import copy
+    q_model = copy.deepcopy(model)
+    apply_recipe(q_model, {k: v for k, v in recipe.items() if k != "layer_abits"})
+    layers = [(n, q) for n, _, _, q in quant.quant_layers(q_model)]
+
+    def err():
+        e = 0.0
+        for x, t, y in states:
+            g_fp, g_q = guided(model, y, cfg_scale)(x, t), guided(q_model, y, cfg_scale)(x, t)
+            e += (g_q - g_fp).pow(2).mean().item()
+        return e / len(states)
+    base, scores = err(), {}
+    for name, q in layers:
+        aq = q.aq
+        q.aq = dataclasses.replace(aq, bits=8)
+        scores[name] = base - err()  # the error this layer's 4-bit activations cost
+        q.aq = aq
+    macs = {n: q.in_features * q.out_features for n, q in layers}
+    chosen, used = {}, 0
+    for name in sorted(scores, key=lambda n: -scores[n] / macs[n]):
+        if scores[name] > 0 and used + macs[name] <= budget * sum(macs.values()):
+            chosen[name], used = 8, used + macs[name]
+    return chosen
+
+
 @torch.no_grad()
 def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
     """Static activation scales: run the sampler with quantization off and record max|x̃| per
@@ -160,11 +226,18 @@ def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
 
 
 @torch.no_grad()
-def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lora_iters=10, block=None,
-                 static_buckets=0):
+def parse_method(name):
+    """'hadanorm+a8' -> ('hadanorm', True); a clear error for an unknown recipe."""
+    base, a8 = (name[:-len(A8_SUFFIX)], True) if name.endswith(A8_SUFFIX) else (name, False)
+    if base not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, each optionally + {A8_SUFFIX!r}")
+    return base, a8
+
+
+def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10, block=None,
+                 static_buckets=0, a8_budget=0.1):
     """-> recipe dict for `quant.quantize_model` (DiTAS also folds into `model` in place)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    base, a8 = parse_method(method)
     wq = QConfig(wbits, range="mse") if wbits < 16 else None
     if abits >= 16:
         aq = None
@@ -174,19 +247,21 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lor
         aq = QConfig(abits)
     recipe = {"method": method, "wq": wq, "aq": aq, "block": block, "alpha": alpha}
     lins = {name: lin for name, _, _, lin in quant.quant_layers(model)}
-    if method == "smoothquant":
+    if base in ("smoothquant", "svdquant"):
         recipe["scales"] = {n: smooth_scale(stats[n]["absmax"], lins[n].weight, alpha) for n in lins}
-    if method == "hadamard":
+    if base == "hadamard":
         recipe["rotate"] = True
-    if method.startswith("hadanorm"):
+    if base.startswith("hadanorm") or base == "svdquant-hadanorm":
         recipe["rotate"] = True
-        recipe["center"] = {"hadanorm-nomean": "none", "hadanorm-static": "static"}.get(method, "dynamic")
-        if method != "hadanorm-noscale":
-            key = "absmax" if method == "hadanorm-nomean" else "cabsmax"
+        recipe["center"] = {"hadanorm-nomean": "none", "hadanorm-static": "static"}.get(base, "dynamic")
+        if base != "hadanorm-noscale":
+            key = "absmax" if base == "hadanorm-nomean" else "cabsmax"
             recipe["scales"] = {n: smooth_scale(stats[n][key], lins[n].weight, alpha) for n in lins}
-        if method == "hadanorm-static":
+        if base == "hadanorm-static":
             recipe["means"] = {n: stats[n]["mean"] for n in lins}
-    if method == "ditas":
+    if base.startswith("svdquant"):
+        recipe["lowrank"] = lora_rank
+    if base == "ditas":
         scales, alphas = {}, {}
         for n, lin in tqdm(lins.items(), desc="DiTAS α search", leave=False, disable=None):
             x = stats[n]["samples"].to(lin.weight.device)
@@ -204,6 +279,8 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=8, lor
         fold_ditas(model, scales)
         recipe.update(scales=scales, alphas=alphas, prescaled=[n for n in lins if not n.endswith("fc2")],
                       lora_rank=lora_rank, lora_iters=lora_iters)
+    if a8:
+        recipe["layer_abits"] = choose_a8_layers(model, recipe, sample_states(model), a8_budget)
     return recipe
 
 
@@ -217,6 +294,8 @@ def apply_recipe(model, recipe):
             q.input_prescaled = True
         if recipe.get("lora_rank") and q.wq is not None:
             traces[name] = lora_correct(q, recipe["lora_rank"], recipe["lora_iters"])
+        if recipe.get("lowrank") and q.wq is not None:
+            traces[name] = lowrank_branch(q, recipe["lowrank"])
     return traces
 
 
@@ -289,20 +368,17 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
 def save_quantized(path, model, cfg, recipe, calib):
     """A quantized checkpoint. Integer models store packed int4 (uint8) / int8 weight codes with fp32
     scales; the layers kept in float are stored in fp16 (as the FP checkpoint)."""
-    import os
     ser = {k: (v.__dict__.copy() if isinstance(v, QConfig) else v) for k, v in recipe.items()}
     ser["integer"] = any(isinstance(m, integer.IntLinear) for m in model.modules())
     qnames = {n for n, *_ in quant.quant_layers(model)}
     sd = {k: (v.half() if v.is_floating_point() and k.rsplit(".", 1)[0] not in qnames else v)
           for k, v in model.state_dict().items()}
-    tmp = path + ".tmp"
-    torch.save({"config": dict(cfg), "recipe": ser, "calibration": calib, "model": sd}, tmp)
-    os.replace(tmp, path)
+    common.atomic_save({"config": dict(cfg), "recipe": ser, "calibration": calib, "model": sd}, path)
 
 
 def load_quantized(path):
     """Rebuilds a quantized model saved by `save_quantized` (no calibration needed)."""
-    ck = dit.load_file(path, "quantized checkpoint")
+    ck = common.load_file(path, "quantized checkpoint")
     if not isinstance(ck, dict) or "recipe" not in ck:
         raise ValueError(f"{path} is not a quantized dit4bit checkpoint (no recipe)")
     cfg = dict(ck["config"])
@@ -313,8 +389,8 @@ def load_quantized(path):
     quant.quantize_model(model, recipe)
     for name, _, _, q in quant.quant_layers(model):
         q.input_prescaled = name in recipe.get("prescaled", [])
-        if recipe.get("lora_rank") and q.wq is not None:
-            r = recipe["lora_rank"]
+        r = recipe.get("lora_rank") or recipe.get("lowrank")
+        if r and q.wq is not None:
             q.set_lora(torch.zeros(q.out_features, r), torch.zeros(r, q.in_features))
     if recipe.get("integer"):
         integer.to_integer(model)
@@ -363,7 +439,7 @@ def main(argv=None):
         if b != 16 and not 2 <= b <= 8:
             raise ValueError(f"unsupported bit width {b}: choose 2..8 (or 16 = float)")
     t0 = time.time()
-    device = dit.check_device(args.device)
+    device = common.check_device(args.device)
     model, cfg = dit.load_checkpoint(args.ckpt)  # refuses an already-quantized checkpoint
     fp, _ = dit.load_checkpoint(args.ckpt)
     model, fp = model.to(device), fp.to(device)
@@ -389,4 +465,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import torch
 
+import common
 import dit
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -78,4 +79,4 @@ def main():
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

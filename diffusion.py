@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import common
 import data
 import dit
 
@@ -218,4 +219,4 @@ def main():
           f"t = {r.timestep_map[:5].tolist()} ... {r.timestep_map[-3:].tolist()}")
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

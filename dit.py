@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
+
 
 def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)  # (N, T, D)
@@ -304,34 +306,6 @@ def build(name, **kw):
 #                               Checkpoint loading                              #
 #################################################################################
 
-def load_file(path, what="checkpoint"):
-    """torch.load(weights_only=True) on the CPU, with a readable error for a missing or corrupt file."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} not found: {path}") from None
-    except Exception as e:
-        raise ValueError(f"cannot read {what} {path}: {type(e).__name__}: {str(e)[:120]}") from None
-
-
-def file_sha256(path):
-    """SHA-256 of a file: ties a quantized checkpoint to the FP file it was made from."""
-    import hashlib
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def run_cli(main):
-    """A script's entry point: expected errors (bad input, missing files) become one line on stderr
-    and exit code 2, not a traceback."""
-    import sys
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
 def load_state_dict_checked(model, sd, source="checkpoint"):
     """Loads `sd` into `model` after asserting every key and shape, with a readable message."""
     own = model.state_dict()
@@ -355,7 +329,7 @@ def load_official(path, config="DiT-XL/2", image_size=256):
     Accepts the released bare state dicts (DiT-XL-2-256x256.pt) and train.py's dicts ({"model", "ema",
     ...}: the EMA weights are taken, as the official sample.py does). Every key and shape is checked.
     """
-    sd = load_file(path, "official checkpoint")
+    sd = common.load_file(path, "official checkpoint")
     if isinstance(sd, dict) and isinstance(sd.get("ema"), dict):
         sd = sd["ema"]
     elif isinstance(sd, dict) and isinstance(sd.get("model"), dict):
@@ -372,14 +346,12 @@ def load_official(path, config="DiT-XL/2", image_size=256):
 def save_checkpoint(path, model, config, **extra):
     """Saves our own checkpoint: half-precision weights + the config that rebuilds the model."""
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    tmp = f"{path}.tmp"
-    torch.save({"model": sd, "config": dict(config), **extra}, tmp)
-    os.replace(tmp, path)  # atomic: a crash never leaves half a file
+    common.atomic_save({"model": sd, "config": dict(config), **extra}, path)  # a crash never leaves half a file
 
 
 def load_checkpoint(path):
     """Loads one of our checkpoints -> (model in float32 eval mode, config dict)."""
-    ckpt = load_file(path, "checkpoint")
+    ckpt = common.load_file(path, "checkpoint")
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a dit4bit checkpoint (needs 'model' and 'config' entries)")
     if "recipe" in ckpt:
@@ -389,15 +361,6 @@ def load_checkpoint(path):
     model = build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
     load_state_dict_checked(model, ckpt["model"], source=path)
     return model.float().eval(), cfg
-
-
-def check_device(name):
-    """'cpu' / 'cuda' / 'cuda:N' -> torch.device, or a clear error when CUDA is missing."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
-    if not (name == "cpu" or name.startswith("cuda")):
-        raise ValueError(f"unknown --device {name!r}: cpu or cuda")
-    return torch.device(name)
 
 
 def count_params(model):
@@ -443,4 +406,4 @@ def shape_walk(path=DEFAULT_CKPT):
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    common.run_cli(main)

@@ -1,14 +1,18 @@
-"""Quality of generated samples, measured by our own Fashion-MNIST classifier (DESIGN §6).
+"""Quality of generated samples, measured by our own Fashion-MNIST classifier.
 
-- FD: Fréchet distance of classifier features (128-d), samples vs the 10k test images,
+- FD: Fréchet distance of classifier features (128-d), samples vs the 10k test images, with its
+  standard error (bootstrap over the samples),
 - class accuracy: does the classifier agree with the label we asked for?
 - precision / recall: k-NN manifolds (k = 3, Kynkäänniemi et al. 2019) in the same space,
-- PSNR of samples against reference samples drawn from the same noise (quantized vs FP).
+- PSNR of samples against the FP model's samples from the same noise (a diagnostic only: 4-bit
+  sampling is chaotic, a change of 1e-6 in x_T moves a W4A4 sample as far as quantization does).
 
-    python evaluate.py --train-classifier     # trains the CNN, writes checkpoints/fm_classifier.pt
-    python evaluate.py --n 1000               # one row for the FP model (DDIM 50, CFG 1.5)
-    python evaluate.py --real-floor           # 1000 real training images vs the test set
-    python evaluate.py --npz samples.npz      # scores samples written by `sample.py --npz`
+    python evaluate.py table --settings w4a4 --methods hadanorm,svdquant-hadanorm --cfg 1.5,4.0
+    python evaluate.py table --settings "" --methods "" --qckpt checkpoints/dit_t4_w4a4_hqdm.pt --n 1000
+    python evaluate.py fp --n 1000              # the FP model alone (torchrun splits the samples)
+    python evaluate.py floor                    # 1000 real training images vs the test set
+    python evaluate.py npz samples.npz          # samples written by `sample.py --npz`
+    python evaluate.py train-classifier         # trains the CNN, writes checkpoints/fm_classifier.pt
 """
 import argparse
 import os
@@ -20,9 +24,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import calibrate
 import data
 import dit
+import integer
+import sample
 from diffusion import class_labels, make_noise
 from sample import DEFAULT_CKPT, SETTINGS, generate, psnr
 
@@ -99,15 +106,12 @@ def save_classifier(model, test_acc, path=CLASSIFIER, data_dir=None):
     xt, _ = data.load("test", data_dir)
     f, _ = features_and_logits(model, xt)
     ref = {"mu": f.mean(0), "sigma": torch.cov(f.T), "feats": f.half()}
-    tmp = path + ".tmp"
-    torch.save({"model": model.state_dict(), "test_acc": test_acc, "ref": ref}, tmp)
-    import os
-    os.replace(tmp, path)
+    common.atomic_save({"model": model.state_dict(), "test_acc": test_acc, "ref": ref}, path)
 
 
 def load_classifier(path=CLASSIFIER):
     """-> (classifier in eval mode, reference dict with mu, sigma, feats of the 10k test images)."""
-    ck = dit.load_file(path, "evaluation classifier (python evaluate.py --train-classifier)")
+    ck = common.load_file(path, "evaluation classifier (python evaluate.py --train-classifier)")
     model = Classifier()
     dit.load_state_dict_checked(model, ck["model"], path)
     return model.eval(), ck["ref"], ck["test_acc"]
@@ -131,6 +135,17 @@ def frechet_distance(mu1, s1, mu2, s2):
     return ((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * tr_covmean).item()
 
 
+def fd_of(f, ref):
+    return frechet_distance(f.mean(0), torch.cov(f.T), ref["mu"].double(), ref["sigma"].double())
+
+
+def fd_standard_error(f, ref, rounds=20, seed=0):
+    """The spread of FD over bootstrap resamples of the samples' features (their standard deviation)."""
+    g = torch.Generator().manual_seed(seed)
+    fds = [fd_of(f[torch.randint(0, len(f), (len(f),), generator=g)], ref) for _ in range(rounds)]
+    return float(np.std(fds))
+
+
 def precision_recall(real, fake, k=3):
     """Improved precision/recall: fraction of fake inside the real k-NN balls, and vice versa."""
     def radii(f):
@@ -148,7 +163,7 @@ def score(images, labels, clf, ref, ref_images=None, seed=0):
     n = len(f)
     sub = ref["feats"][torch.randperm(len(ref["feats"]), generator=torch.Generator().manual_seed(seed))[:n]]
     prec, rec = precision_recall(sub.double(), f)
-    out = {"n": n, "fd": frechet_distance(f.mean(0), torch.cov(f.T), ref["mu"].double(), ref["sigma"].double()),
+    out = {"n": n, "fd": fd_of(f, ref), "fd_se": fd_standard_error(f, ref, seed=seed),
            "acc": (logits.argmax(1) == labels).float().mean().item(), "precision": prec, "recall": rec}
     if ref_images is not None:
         out["psnr"] = psnr(images, ref_images)
@@ -182,124 +197,164 @@ def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLAS
     return metrics, images, labels
 
 
-def row(name, m, extra=()):
+HEADER = ("| model | path | CFG | n | FD ↓ (± s.e.) | class acc % ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | "
+          "calib (s) | sampling (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def row(name, path, cfg_scale, m, calib="-"):
     ps = f"{m['psnr']:.2f}" if "psnr" in m else "-"
-    return (f"| {name} | {m['n']} | {m['fd']:.2f} | {100 * m['acc']:.1f} | {m['precision']:.3f} | "
-            f"{m['recall']:.3f} | {ps} |" + "".join(f" {e} |" for e in extra))
+    return (f"| {name} | {path} | {cfg_scale:g} | {m['n']} | {m['fd']:.2f} ± {m['fd_se']:.2f} | {100 * m['acc']:.1f} | "
+            f"{m['precision']:.3f} | {m['recall']:.3f} | {ps} | {calib} | {m['sample_s']:.0f} |")
 
 
-HEADER = "| model | n | FD ↓ | class acc % ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) ↑ |\n|---|---|---|---|---|---|---|"
-TABLE_HEADER = HEADER.replace("↑ |\n", "↑ | calib (s) | sampling (s) |\n") + "---|---|"
+def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
+    """(name, path, builder) for every row after FP: saved quantized checkpoints
+    (integer), then each setting x method calibrated from the FP checkpoint, on the integer path as
+    `sample.py` runs it (compiled) unless simulate."""
+    for p in qckpts:
+        def load(p=p):
+            model, _, recipe = calibrate.load_quantized(p)
+            sample.accelerate(model, compile)
+            return model
+        rec = calibrate.load_quantized(p)[2]
+        yield f"W{rec['wq'].bits}A{rec['aq'].bits} {rec['method']} ({os.path.basename(p)})", "integer", load
+    for setting in settings:
+        for method in methods:
+            def build(setting=setting, method=method):
+                model, _ = dit.load_checkpoint(ckpt)
+                t0 = time.time()
+                calibrate.quantize_fp(model, method, *SETTINGS[setting])
+                build.calib = time.time() - t0
+                if not simulate:
+                    integer.to_integer(model)
+                    sample.accelerate(model, compile)
+                return model
+            yield f"{setting.upper()} {method}", "simulated" if simulate else "integer", build
 
 
-def table(ckpt, n, steps, cfg_scale, seed, settings, methods, out=None, device="cpu", qckpts=()):
-    """The method x bits table: every row from the same noise and labels; PSNR against FP's samples.
-    `qckpts`: saved quantized checkpoints (e.g. QAT results), scored on their integer path."""
-    lines = [TABLE_HEADER]
+def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device="cpu", qckpts=(), simulate=False,
+          compile="auto"):
+    """The method x bits table, at each CFG scale: every row from the same noise and labels, PSNR against
+    the FP model's samples, and each row says which path ran it."""
+    lines = [HEADER]
+
     def emit(line):
         print(line, flush=True)
         lines.append(line)
         if out:
-            with open(out, "w") as f:
-                f.write("\n".join(lines) + "\n")
-    print(TABLE_HEADER, flush=True)
-    fp, cfg = dit.load_checkpoint(ckpt)
-    m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
-    emit(row("FP32", m, ("-", f"{m['sample_s']:.0f}")))
-    for path in qckpts:
-        model, _, recipe = calibrate.load_quantized(path)
-        m, _, _ = evaluate_model(model.to(device), n, steps, cfg_scale, seed, ref_images=ref_images)
-        name = f"W{recipe['wq'].bits}A{recipe['aq'].bits} {recipe['method']} ({os.path.basename(path)})"
-        emit(row(name, m, ("-", f"{m['sample_s']:.0f}")))
-    for setting in settings:
-        for method in methods:
-            model, _ = dit.load_checkpoint(ckpt)
-            model.to(device)
-            t0 = time.time()
-            calibrate.quantize_fp(model, method, *SETTINGS[setting])
-            calib_s = time.time() - t0
+            common.atomic_write_text(out, "\n".join(lines) + "\n")
+    print(HEADER, flush=True)
+    rows = list(quantized_models(ckpt, settings, methods, qckpts, simulate, compile))
+    for cfg_scale in cfg_scales:
+        fp, _ = dit.load_checkpoint(ckpt)
+        m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
+        emit(row("FP32", "fp32 (eager)", cfg_scale, m))
+        for name, path, build in rows:
+            model = build().to(device)
+            calib = f"{build.calib:.0f}" if hasattr(build, "calib") else "-"
             m, _, _ = evaluate_model(model, n, steps, cfg_scale, seed, ref_images=ref_images)
-            emit(row(f"{setting.upper()} {method}", m, (f"{calib_s:.0f}", f"{m['sample_s']:.0f}")))
+            emit(row(name, path, cfg_scale, m, calib))
     return lines
+
+
+def parse_list(text, kind, allowed=None, cast=str):
+    items = [cast(v) for v in text.split(",") if v.strip()] if text else []
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if bad:
+        raise ValueError(f"unknown {kind} {bad}; choose from {', '.join(map(str, allowed))}")
+    return items
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Score generated Fashion-MNIST samples with our classifier's features.")
-    ap.add_argument("--ckpt", default=DEFAULT_CKPT, help="DiT checkpoint to sample from")
-    ap.add_argument("--n", "--samples", dest="n", type=int, default=None,
-                    help="number of samples (default 1000; 100 per row for --table); under torchrun write "
-                         "--samples: torchrun's own parser swallows --n")
-    ap.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    ap.add_argument("--cfg-scale", type=float, default=1.5, help="guidance for metrics (papers' FID setting)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--classifier", default=CLASSIFIER)
-    ap.add_argument("--train-classifier", action="store_true", help="train the classifier and save it with test stats")
-    ap.add_argument("--epochs", type=int, default=6, help="classifier epochs")
-    ap.add_argument("--real-floor", action="store_true", help="score n real training images (the FD floor)")
-    ap.add_argument("--npz", default=None, help="score samples from this file (arr_0 uint8 NHWC + labels)")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--table", action="store_true", help="the method x bits table (FP + PTQ recipes)")
-    ap.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings for --table")
-    ap.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas", help="recipes for --table")
-    ap.add_argument("--table-out", default=None, help="also write the table (markdown) here, row by row")
-    ap.add_argument("--qckpt", nargs="+", default=[], help="--table: also score these quantized checkpoints "
-                    "(qat.py / calibrate.py --out), on the integer path")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier runs on the CPU)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--ckpt", default=DEFAULT_CKPT, help="FP DiT checkpoint")
+    shared.add_argument("--n", "--samples", dest="n", type=int, default=None,
+                        help="samples per row (table: 100, the fast screen; else 1000); under torchrun write "
+                             "--samples: torchrun's own parser swallows --n")
+    shared.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    shared.add_argument("--seed", type=int, default=0, help="noise seed (the rows share it)")
+    shared.add_argument("--classifier", default=CLASSIFIER)
+    shared.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier runs on the CPU)")
+    t = sub.add_parser("table", parents=[shared], help="FP and quantized rows at each CFG scale, same noise")
+    t.add_argument("--cfg", default="1.5", help="CFG scales, comma-separated (1.5: the papers' metric; 4.0: the "
+                   "main job's pictures)")
+    t.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings")
+    t.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas", help="PTQ recipes "
+                   "(see calibrate.py; METHOD+a8 for mixed precision)")
+    t.add_argument("--qckpt", nargs="+", default=[], help="also score these saved quantized checkpoints")
+    t.add_argument("--simulate", action="store_true", help="calibrated rows in fake-quant simulation instead of "
+                   "the integer path")
+    t.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the integer rows "
+                   "(as sample.py; auto: where a C++ compiler is present)")
+    t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
+    f = sub.add_parser("fp", parents=[shared], help="the FP model alone")
+    f.add_argument("--cfg", type=float, default=1.5, help="CFG scale")
+    sub.add_parser("floor", parents=[shared], help="n real training images vs the test set (the FD floor)")
+    z = sub.add_parser("npz", parents=[shared], help="score samples written by sample.py --npz")
+    z.add_argument("path")
+    c = sub.add_parser("train-classifier", parents=[shared], help="train the classifier and save it with test stats")
+    c.add_argument("--epochs", type=int, default=6)
+    c.add_argument("--data-dir", default=None)
+    c.add_argument("--out", default=CLASSIFIER)
+    for p in (sub.choices["floor"], sub.choices["npz"]):
+        p.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
-    device = dit.check_device(args.device)
+    device = common.check_device(args.device)
     if args.n is None:
-        args.n = 100 if args.table else 1000
-    if args.n < 2:
-        raise ValueError(f"--n must be at least 2 (FD needs a covariance), got {args.n}")
+        args.n = 100 if args.cmd == "table" else 1000
+    if args.n < 4:
+        raise ValueError(f"--n must be at least 4 (precision/recall's 3-nearest neighbours), got {args.n}")
+    integer.kernels.tune_allocator()
 
-    if args.train_classifier:
+    if args.cmd == "train-classifier":
         t0 = time.time()
         clf, acc = train_classifier(args.epochs, args.seed, args.data_dir)
-        save_classifier(clf, acc, args.classifier, args.data_dir)
-        print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs "
-              f"({time.time() - t0:.0f} s) -> {args.classifier}")
+        save_classifier(clf, acc, args.out, args.data_dir)
+        print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs ({time.time() - t0:.0f} s) "
+              f"-> {args.out}")
         return
-    if args.table:
-        settings, methods = [x for x in args.settings.split(",") if x], [x for x in args.methods.split(",") if x]
+    if args.cmd == "table":
+        cfgs = parse_list(args.cfg, "CFG scale", cast=float)
+        settings = parse_list(args.settings, "setting", SETTINGS)
+        methods = [m for m in parse_list(args.methods, "method") if calibrate.parse_method(m)]
         for p in args.qckpt:
             if not os.path.exists(p):
                 raise FileNotFoundError(f"--qckpt {p}: no such file")
-        bad = [s for s in settings if s not in SETTINGS] + [m for m in methods if m not in calibrate.METHODS]
-        if bad:
-            raise ValueError(f"unknown setting/method {bad}: settings {list(SETTINGS)}, methods {calibrate.METHODS}")
         t0 = time.time()
-        table(args.ckpt, args.n, args.steps, args.cfg_scale, args.seed, settings, methods, args.table_out, device,
-              args.qckpt)
-        print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, cfg {args.cfg_scale})")
+        table(args.ckpt, args.n, args.steps, cfgs, args.seed, settings, methods, args.out, device, args.qckpt,
+              args.simulate, args.compile)
+        print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, seed {args.seed})")
         return
     clf, ref, test_acc = load_classifier(args.classifier)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(f"classifier test accuracy {100 * test_acc:.2f}%")
-        print(HEADER)
-    if args.real_floor:
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    if rank0:
+        print(f"classifier test accuracy {100 * test_acc:.2f}%\n{HEADER}")
+    if args.cmd == "floor":
         x, y = data.load("train", args.data_dir)
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.n]
-        print(row(f"real train images (floor)", score(x[idx], y[idx], clf, ref, seed=args.seed)))
+        print(row("real training images (the floor)", "-", 0, dict(score(x[idx], y[idx], clf, ref, seed=args.seed),
+                                                                    sample_s=0)))
         return
-    if args.npz:
-        z = np.load(args.npz)
+    if args.cmd == "npz":
+        z = np.load(args.path)
         if "arr_0" not in z or "labels" not in z:
-            raise ValueError(f"{args.npz} needs arr_0 (uint8 NHWC) and labels")
+            raise ValueError(f"{args.path} needs arr_0 (uint8 NHWC) and labels")
         x = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        print(row(args.npz, score(x, torch.from_numpy(z["labels"]).long(), clf, ref, seed=args.seed)))
+        print(row(args.path, "-", 0, dict(score(x, torch.from_numpy(z["labels"]).long(), clf, ref, seed=args.seed),
+                                          sample_s=0)))
         return
     import torch.distributed as dist
     if "RANK" in os.environ:  # torchrun: the samples are split over the processes (gloo, CPU)
         dist.init_process_group("gloo")
     model, cfg = dit.load_checkpoint(args.ckpt)
-    model.to(device)
-    m, _, _ = evaluate_model(model, args.n, args.steps, args.cfg_scale, args.seed, args.classifier)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(row(f"{cfg['model']} FP32, DDIM {args.steps}, cfg {args.cfg_scale}", m))
-        print(f"(sampling + scoring {m['sample_s']:.0f} s)")
+    m, _, _ = evaluate_model(model.to(device), args.n, args.steps, args.cfg, args.seed, args.classifier)
+    if rank0:
+        print(row(f"{cfg['model']} FP32, DDIM {args.steps}", "fp32 (eager)", args.cfg, m))
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+import common
 import dit
 
 
@@ -206,4 +207,4 @@ def main():
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

@@ -20,6 +20,7 @@ import time
 import torch
 import torch.nn as nn
 
+import common
 import dit
 import hadamard
 import kernels
@@ -337,4 +338,4 @@ def main():
     print(f"  GEMM backend chosen by measurement here: {iq.gemm}")
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

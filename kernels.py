@@ -27,6 +27,7 @@ from typing import Optional
 
 import torch
 
+import common
 import dit
 import hadamard
 
@@ -270,4 +271,4 @@ def main():
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import common
 import calibrate
 import dit
 import integer
@@ -190,7 +191,7 @@ def train(args):
         rank, world = dist.get_rank(), dist.get_world_size()
         if args.batch_size % world:
             raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    device = dit.check_device(args.device)
+    device = common.check_device(args.device)
     fp, cfg = dit.load_checkpoint(args.ckpt)
     fp = fp.to(device).requires_grad_(False)
     os.makedirs(args.state_dir, exist_ok=True)
@@ -215,10 +216,8 @@ def train(args):
 
     def save():
         if rank == 0:
-            tmp = state_path + ".tmp"
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(), "step": step,
-                        "identity": identity(args)}, tmp)
-            os.replace(tmp, state_path)
+            common.atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
+                                "step": step, "identity": identity(args)}, state_path)
         if world > 1:
             dist.barrier()
 
@@ -323,10 +322,10 @@ def main(argv=None):
         return
     if args.out:
         calib = {k: v for k, v in vars(args).items() if v is not None}
-        export(model, recipe, cfg, args.out, dict(calib, fp_sha256=dit.file_sha256(args.ckpt)))
+        export(model, recipe, cfg, args.out, dict(calib, fp_sha256=common.file_sha256(args.ckpt)))
         msg += f"; saved {args.out}"
     print(msg)
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

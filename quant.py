@@ -15,11 +15,13 @@ channels of W) or per group of g along K; range by min-max or by an MSE search o
     python quant.py          # quantization error of one random layer under each setting
 """
 import argparse
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+import common
 import dit
 import hadamard
 
@@ -328,13 +330,17 @@ def quantize_model(model, recipe):
     """Swaps qkv/proj/fc1/fc2 of every block for QuantLinear built from `recipe` (a dict).
 
     recipe keys: wq, aq (QConfig or None), center, rotate, block, signs_seed, and per-layer dicts
-    `scales` / `means` {layer name: tensor} from calibration. Returns the model (changed in place).
+    `scales` / `means` {layer name: tensor} from calibration and `layer_abits` {layer name: bits}
+    (mixed precision). Returns the model (changed in place).
     """
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is already quantized; quantize the full-precision model instead")
     for name, parent, attr, lin in quant_layers(model):
         signs = hadamard.random_signs(lin.in_features, recipe["signs_seed"]) if recipe.get("signs_seed") is not None else None
-        q = QuantLinear(lin, recipe.get("wq"), recipe.get("aq"), recipe.get("center", "none"),
+        aq = recipe.get("aq")
+        if name in recipe.get("layer_abits", {}):  # mixed precision: this layer's own activation bits
+            aq = dataclasses.replace(aq, bits=recipe["layer_abits"][name])
+        q = QuantLinear(lin, recipe.get("wq"), aq, recipe.get("center", "none"),
                         recipe.get("scales", {}).get(name), recipe.get("rotate", False), recipe.get("block"),
                         signs, recipe.get("means", {}).get(name), recipe.get("single", False))
         setattr(parent, attr, q.to(lin.weight.device))
@@ -405,4 +411,4 @@ def main():
     print("each bit is worth ~6 dB; finer scales help most where a few channels or tokens are outliers")
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

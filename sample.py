@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+import common
 import calibrate
 import data
 import dit
@@ -225,7 +226,7 @@ def quantized_path(ckpt, setting, method):
 def made_from(path, ckpt):
     """Whether the quantized checkpoint `path` records the SHA-256 of the FP file `ckpt` (not stale)."""
     calib = torch.load(path, map_location="cpu", weights_only=True).get("calibration", {})
-    return calib.get("fp_sha256") == dit.file_sha256(ckpt)
+    return calib.get("fp_sha256") == common.file_sha256(ckpt)
 
 
 def default_method(args):
@@ -280,7 +281,7 @@ def load_model(args):
     if args.simulate:
         return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {dt:.1f} s)"
     integer.to_integer(model)
-    calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": dit.file_sha256(args.ckpt)})
+    calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": common.file_sha256(args.ckpt)})
     return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
 
 
@@ -290,7 +291,7 @@ def main(argv=None):
         raise ValueError(f"--n must be at least 1, got {args.n}")
     if args.steps < 1:
         raise ValueError(f"--steps must be at least 1, got {args.steps}")
-    dit.check_device(args.device)
+    common.check_device(args.device)
     integer.kernels.tune_allocator()
     t0 = time.time()
     decoder = None
@@ -327,4 +328,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

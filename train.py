@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import common
 import data
 import dit
 from diffusion import Diffusion
@@ -66,15 +67,9 @@ def model_config(args):
     return {"model": args.model}
 
 
-def save_state(path, **state):
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
-
-
 def setup_distributed(args):
     """-> (rank, world size, device). One process unless launched by torchrun (RANK in the env)."""
-    dit.check_device(args.device)
+    common.check_device(args.device)
     if "RANK" not in os.environ:
         return 0, 1, torch.device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
@@ -131,8 +126,8 @@ def train(args, on_step=None):
 
     def checkpoint():
         if rank == 0:
-            save_state(state_path, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                       step=step, args=vars(args), data_rng=gen.get_state())
+            common.atomic_save(dict(model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(), step=step,
+                                    args=vars(args), data_rng=gen.get_state()), state_path)  # a kill never leaves half a file
             if args.export:
                 dit.save_checkpoint(args.export, ema, model_config(args), step=step)
         if world > 1:
@@ -196,4 +191,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import common
 import dit
 
 LATENT_SCALE = 0.18215  # SD's latent scaling: the DiT samples z, the decoder sees z / 0.18215
@@ -121,7 +122,7 @@ OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_at
 
 def load_vae(path):
     """Loads the decoder half of a diffusers AutoencoderKL state dict, asserting keys and shapes."""
-    sd = dit.load_file(path, "VAE file")
+    sd = common.load_file(path, "VAE file")
     if not isinstance(sd, dict):
         raise ValueError(f"{path} holds no state dict")
     out = {}
@@ -152,4 +153,4 @@ def main():
 
 
 if __name__ == "__main__":
-    dit.run_cli(main)
+    common.run_cli(main)

@@ -165,10 +165,11 @@ def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
     model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / "r"), 1))
     out = str(tmp_path / "q.pt")
     qat.export(model, recipe, cfg, out, {})
-    evaluate.main(["--table", "--ckpt", teacher, "--n", "4", "--steps", "2", "--settings", "", "--methods", "",
-                   "--qckpt", out])
+    evaluate.main(["table", "--ckpt", teacher, "--n", "4", "--steps", "2", "--settings", "", "--methods", "",
+                   "--qckpt", out, "--compile", "off"])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
-    assert rows[1].startswith("| FP32 | 4 |") and rows[2].startswith("| W4A4 hqdm-single (q.pt) | 4 |")
+    assert rows[1].startswith("| FP32 | fp32 (eager) | 1.5 | 4 |")
+    assert rows[2].startswith("| W4A4 hqdm-single (q.pt) | integer | 1.5 | 4 |")
     qat.main(["--ckpt", teacher, "--score", out, "--traj", "2", "--traj-steps", "3", "--seed", "7"])
     data = qat.trajectories(fp=dit.load_checkpoint(teacher)[0], n=2, steps=3, seed=7)
     q = calibrate.load_quantized(out)[0]
@@ -176,7 +177,7 @@ def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
     got = float(capsys.readouterr().out.split("MSE(ε_q, ε_fp) ")[1].split()[0])
     assert abs(got - want) <= 1e-3 * want and abs(qat.score(q, data, chunk=5) - want) <= 1e-5 * want  # 12 = 5 + 5 + 2
     with pytest.raises(FileNotFoundError, match="no such file"):
-        evaluate.main(["--table", "--ckpt", teacher, "--qckpt", str(tmp_path / "none.pt")])
+        evaluate.main(["table", "--ckpt", teacher, "--qckpt", str(tmp_path / "none.pt")])
 
 
 def test_sample_w4a4_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teacher, capsys):
