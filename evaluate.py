@@ -208,14 +208,14 @@ def row(name, path, cfg_scale, m, calib="-"):
 
 
 def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
-    """(name, path, builder) for every row after FP: saved quantized checkpoints
-    (integer), then each setting x method calibrated from the FP checkpoint, on the integer path as
-    `sample.py` runs it (compiled) unless simulate."""
+    """(name, path, builder) for every row after FP: saved quantized checkpoints (integer), then each
+    setting x method calibrated from the FP checkpoint, on the integer path as `sample.py` runs it
+    (compiled) unless simulate. A builder returns (model, calibration seconds or None)."""
     for p in qckpts:
         def load(p=p):
-            model, _, recipe = calibrate.load_quantized(p)
+            model = calibrate.load_quantized(p)[0]
             sample.accelerate(model, compile)
-            return model
+            return model, None
         rec = calibrate.load_quantized(p)[2]
         yield f"W{rec['wq'].bits}A{rec['aq'].bits} {rec['method']} ({os.path.basename(p)})", "integer", load
     for setting in settings:
@@ -224,11 +224,11 @@ def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
                 model, _ = dit.load_checkpoint(ckpt)
                 t0 = time.time()
                 calibrate.quantize_fp(model, method, *SETTINGS[setting])
-                build.calib = time.time() - t0
+                seconds = time.time() - t0
                 if not simulate:
                     integer.to_integer(model)
                     sample.accelerate(model, compile)
-                return model
+                return model, seconds
             yield f"{setting.upper()} {method}", "simulated" if simulate else "integer", build
 
 
@@ -250,10 +250,9 @@ def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device=
         m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
         emit(row("FP32", "fp32 (eager)", cfg_scale, m))
         for name, path, build in rows:
-            model = build().to(device)
-            calib = f"{build.calib:.0f}" if hasattr(build, "calib") else "-"
-            m, _, _ = evaluate_model(model, n, steps, cfg_scale, seed, ref_images=ref_images)
-            emit(row(name, path, cfg_scale, m, calib))
+            model, seconds = build()
+            m, _, _ = evaluate_model(model.to(device), n, steps, cfg_scale, seed, ref_images=ref_images)
+            emit(row(name, path, cfg_scale, m, "-" if seconds is None else f"{seconds:.0f}"))
     return lines
 
 

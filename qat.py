@@ -35,7 +35,7 @@ from diffusion import Diffusion, class_labels, make_noise
 from quant import QConfig, QuantLinear
 
 MODES = ("single", "none", "double")
-INITS = ("hadanorm", "plain")
+INITS = ("hadanorm", "svdquant-hadanorm")  # PTQ recipes QAT can start from (or "plain")
 ACTS = ("token", "static")
 
 
@@ -47,14 +47,17 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=8, 
             init="hadanorm", act="token"):
     """FP model -> QAT model (a copy): QuantLinears with learnable steps, initialised by calibration.
 
-    init "hadanorm" starts from the PTQ HadaNorm recipe (dynamic mean-centering, channel scale s
-    folded into W) in the chosen Hadamard form; "plain" has no centering or scale. act "token" is
-    per-token dynamic with a learned clipping ratio per timestep bucket (step 0 = PTQ HadaNorm's
-    min-max); "static" is one learned step per timestep bucket and tensor, calibrated from max|x̃|."""
+    init: a PTQ recipe of calibrate.py to start from, in the chosen Hadamard form: "hadanorm" (dynamic
+    mean-centering, channel scale s folded into W), "svdquant-hadanorm" (the same plus a float rank-32
+    branch of the weight, trained too), either + "+a8" (its most sensitive layers at 8-bit activations);
+    or "plain": no centering or scale. act "token" is per-token dynamic with a learned clipping ratio
+    per timestep bucket (step 0 = the PTQ recipe's min-max); "static" is one learned step per timestep
+    bucket and tensor, calibrated from max|x̃|."""
     if mode not in MODES:
         raise ValueError(f"unknown --hadamard {mode!r}; choose one of {', '.join(MODES)}")
-    if init not in INITS or act not in ACTS:
-        raise ValueError(f"--init is one of {', '.join(INITS)} and --act one of {', '.join(ACTS)}")
+    if (init != "plain" and calibrate.parse_method(init)[0] not in INITS) or act not in ACTS:
+        raise ValueError(f"--init is plain or one of {', '.join(INITS)} (each optionally +a8), "
+                         f"and --act one of {', '.join(ACTS)}")
     for b in (wbits, abits):
         if not 3 <= b <= 8:
             raise ValueError(f"unsupported bit width {b} for QAT: choose 3..8")
@@ -63,11 +66,11 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=8, 
           else QConfig(abits, granularity="tensor", dynamic=False, buckets=buckets))
     recipe = {"method": f"hqdm-{mode}", "wq": QConfig(wbits, range="mse"), "aq": aq, "init": init,
               "rotate": mode != "none", "single": mode == "single", "block": block}
-    if init == "hadanorm":  # important! W4A4 loss over the first 50 steps 1.26e-2, vs 3.43e-2 plain/static
+    if init != "plain":  # important! W4A4 loss over the first 50 steps 1.26e-2 from HadaNorm, vs 3.43e-2 plain/static
         stats = calibrate.collect_stats(fp, calib_n, calib_steps, seed=seed)
-        hn = calibrate.build_recipe(fp, stats, "hadanorm", wbits, abits, block=block)
-        recipe.update(center="dynamic", scales=hn["scales"])
-    quant.quantize_model(model, recipe)
+        ptq = calibrate.build_recipe(fp, stats, init, wbits, abits, block=block)
+        recipe.update({k: ptq[k] for k in ("center", "scales", "lowrank", "layer_abits") if k in ptq})
+    calibrate.apply_recipe(model, recipe)  # quantize_model, and the low-rank branch if the recipe has one
     if act == "static":
         calibrate.calibrate_static(model, calib_n, calib_steps, seed=seed)  # activation steps from max|x̃|
     make_learnable(model)
@@ -75,10 +78,10 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=8, 
 
 
 def make_learnable(model):
-    """Weights, weight steps and activation steps of every QuantLinear become trainable Parameters."""
+    """Weights (and a low-rank branch), weight steps and activation steps of every QuantLinear become
+    trainable Parameters; everything else stays frozen."""
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.weight.requires_grad_(True)
             for name in ("w_scale", "a_scale", "a_clip"):
                 t = getattr(m, name)
                 if t is not None and not isinstance(t, nn.Parameter):
@@ -99,38 +102,50 @@ def make_learnable(model):
 
 @torch.no_grad()
 def trajectories(fp, n=64, steps=25, cfg_scale=4.0, seed=0):
-    """Runs the FP model's DDIM with CFG from fixed noise and records, at every step, both halves
-    (class and null) of its input and raw output: (x_t, t, y, ε_fp), each (2·n·steps, ...).
-    cfg_scale may be a tuple: trajectory i is guided with cfg_scale[i % len] (states of both)."""
+    """Runs the FP model's DDIM with CFG from fixed noise and records every step's state and both of its
+    predictions: (x_t, t, y, ε_cond, ε_null, s), each (n·steps, ...), one row per trajectory and step.
+    cfg_scale may be a tuple: trajectory i is guided with cfg_scale[i % len] (s records which)."""
     d = Diffusion.make(steps=steps)
     dev = next(fp.parameters()).device
     y = class_labels(n, list(range(fp.num_classes))).to(dev)
     null = torch.full_like(y, fp.num_classes)
     x = make_noise(n, fp, seed).to(dev)
     scales = torch.tensor(cfg_scale if isinstance(cfg_scale, (tuple, list)) else [cfg_scale], dtype=x.dtype)
-    g = scales[torch.arange(n) % len(scales)].view(-1, 1, 1, 1).to(dev)  # (n, 1, 1, 1) guidance per trajectory
-    X, T, Y, E = [], [], [], []
+    s = scales[torch.arange(n) % len(scales)].to(dev)  # (n,) guidance of each trajectory
+    X, T, EC, EU = [], [], [], []
     for i in tqdm(range(steps)[::-1], desc="FP trajectories", leave=False, disable=None):
-        t = torch.full((2 * n,), int(d.timestep_map[i]), dtype=torch.long, device=dev)
-        x2, y2 = torch.cat([x, x]), torch.cat([y, null])
-        out = fp(x2, t, y2)  # (2n, C, H, W): conditional and unconditional predictions
-        X.append(x2), T.append(t), Y.append(y2), E.append(out)
+        t = torch.full((n,), int(d.timestep_map[i]), dtype=torch.long, device=dev)
+        out = fp(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2n, C, H, W)
         cond, unc = out[:n], out[n:]
-        guided_eps = unc + g * (cond - unc)
+        X.append(x), T.append(t), EC.append(cond), EU.append(unc)
+        guided_eps = unc + s.view(-1, 1, 1, 1) * (cond - unc)
         x = d.ddim_step(lambda *_: guided_eps, x, i, clip=fp.in_channels != 4)
-    return torch.cat(X), torch.cat(T), torch.cat(Y), torch.cat(E)
+    k = len(X)
+    return torch.cat(X), torch.cat(T), y.repeat(k), torch.cat(EC), torch.cat(EU), s.repeat(k)
 
 
-def distill_loss(model, batch):
-    x, t, y, target = batch
-    return F.mse_loss(model(x, t, y), target)
+LOSSES = ("guided", "branch")
+
+
+def distill_loss(model, batch, loss="guided"):
+    """The quantized model's ε against the FP model's on a batch of trajectory states, both halves of CFG
+    run as one batch. "guided": the error of what the sampler uses, ε_null + s (ε_cond − ε_null), at each
+    trajectory's own scale; "branch": the error of each half alone."""
+    x, t, y, ec, eu, s = batch
+    null = torch.full_like(y, getattr(model, "module", model).num_classes)  # (DDP wraps the model in .module)
+    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+    cond, unc = out.chunk(2)
+    if loss == "branch":
+        return F.mse_loss(out, torch.cat([ec, eu]))
+    s = s.view(-1, 1, 1, 1)
+    return F.mse_loss(unc + s * (cond - unc), eu + s * (ec - eu))
 
 
 @torch.no_grad()
-def score(model, data, chunk=200):
+def score(model, data, chunk=100, loss="guided"):
     """distill_loss over all targets, in chunks (no gradients): how close a model is to the FP one."""
     n = len(data[0])
-    return sum(distill_loss(model, [d[i:i + chunk] for d in data]).item() * min(chunk, n - i)
+    return sum(distill_loss(model, [d[i:i + chunk] for d in data], loss).item() * min(chunk, n - i)
                for i in range(0, n, chunk)) / n
 
 
@@ -140,36 +155,45 @@ def score(model, data, chunk=200):
 
 def get_args(argv=None):
     ap = argparse.ArgumentParser(description="HQ-DM quantization-aware training of the DiT (data-free distillation).")
-    ap.add_argument("--ckpt", default=dit.DEFAULT_CKPT, help="FP checkpoint (teacher and initialisation)")
-    ap.add_argument("--wbits", type=int, default=4)
-    ap.add_argument("--abits", type=int, default=4)
-    ap.add_argument("--hadamard", default="single", help=f"one of {', '.join(MODES)}")
-    ap.add_argument("--block", type=int, default=None, help="Hadamard block size (default: full width)")
-    ap.add_argument("--init", default="hadanorm", choices=INITS, help="start from PTQ HadaNorm (mean, scale) or plain")
-    ap.add_argument("--act", default="token", choices=ACTS, help="activations: per token with a learned clip ratio "
-                    "per bucket, or one learned static step per bucket")
-    ap.add_argument("--buckets", type=int, default=10, help="timestep buckets of activation steps / clip ratios")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps (longer lowered the loss but measured worse samples: README)")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=3e-4, help="weights (3e-4 beat 1e-4 and 1e-5 over 120 steps)")
-    ap.add_argument("--lr-scale", type=float, default=1e-3, help="step sizes")
-    ap.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation targets")
-    ap.add_argument("--traj-steps", type=int, default=25)
-    ap.add_argument("--traj-cfg", default="4.0", help="CFG scale(s) of the FP trajectories, comma-separated: "
-                    "trajectories alternate between them (e.g. 1.5,4.0: the metrics' and the pictures' scale)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--state-dir", default="runs/qat", help="folder of the resumable state")
-    ap.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
-    ap.add_argument("--ckpt-every", type=int, default=200)
-    ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda")
-    ap.add_argument("--score", nargs="+", default=None, metavar="QCKPT",
-                    help="no training: the distillation loss of these saved quantized checkpoints on the trajectories "
-                    "of --traj/--traj-steps/--traj-cfg/--seed (another --seed than training's: held-out ones)")
-    ap.add_argument("--minutes", type=float, default=None, help="time budget: stop (and save) after this long")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--ckpt", default=dit.DEFAULT_CKPT, help="FP checkpoint (teacher and initialisation)")
+    shared.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation targets")
+    shared.add_argument("--steps", type=int, default=25, help="DDIM steps of each trajectory")
+    shared.add_argument("--traj-cfg", default="4.0", help="CFG scale(s) of the FP trajectories, comma-separated: "
+                        "trajectories alternate between them (e.g. 1.5,4.0: the metrics' and the pictures' scale)")
+    shared.add_argument("--loss", default="guided", choices=LOSSES, help="distil the guided ε the sampler uses, at "
+                        "each trajectory's CFG scale, or each half (conditional, null) alone")
+    shared.add_argument("--seed", type=int, default=0, help="seed of the trajectories (and of training)")
+    shared.add_argument("--device", default="cpu", help="cpu or cuda")
+    t = sub.add_parser("train", parents=[shared], help="train (or resume) and export a packed integer checkpoint")
+    t.add_argument("--wbits", type=int, default=4)
+    t.add_argument("--abits", type=int, default=4)
+    t.add_argument("--hadamard", default="single", choices=MODES, help="single: HQ-DM (weights unrotated); double: "
+                   "QuaRot-style (weights rotated too; the integer form is as fast as HadaNorm's); none")
+    t.add_argument("--block", type=int, default=None, help="Hadamard block size (default: full width)")
+    t.add_argument("--init", default="hadanorm", help=f"the PTQ recipe to start from: plain or one of "
+                   f"{', '.join(INITS)}, optionally +a8")
+    t.add_argument("--act", default="token", choices=ACTS, help="activations: per token with a learned clip ratio "
+                   "per bucket, or one learned static step per bucket")
+    t.add_argument("--buckets", type=int, default=10, help="timestep buckets of activation steps / clip ratios")
+    t.add_argument("--iters", type=int, default=300, help="optimizer steps")
+    t.add_argument("--batch-size", type=int, default=32, help="trajectory states per step (each runs both CFG halves)")
+    t.add_argument("--lr", type=float, default=3e-4, help="weights (3e-4 beat 1e-4 and 1e-5 over 120 steps)")
+    t.add_argument("--lr-scale", type=float, default=1e-3, help="step sizes")
+    t.add_argument("--state-dir", default="runs/qat", help="folder of the resumable state")
+    t.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
+    t.add_argument("--snapshot-every", type=int, default=0, help="also export OUT_iterN.pt every N steps, to pick "
+                   "the best by a sample metric afterwards (evaluate.py table --qckpt ...)")
+    t.add_argument("--ckpt-every", type=int, default=200, help="steps between resumable states")
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--minutes", type=float, default=None, help="time budget: stop (and save) after this long")
+    sc = sub.add_parser("score", parents=[shared], help="the distillation loss of saved quantized checkpoints on the "
+                        "trajectories of --traj/--steps/--traj-cfg/--seed (another seed than training's: held out)")
+    sc.add_argument("qckpt", nargs="+")
     args = ap.parse_args(argv)
-    if args.steps < 1 or args.batch_size < 1:
-        raise ValueError("--steps and --batch-size must be positive")
+    if args.traj < 1 or args.steps < 1 or (args.cmd == "train" and (args.iters < 1 or args.batch_size < 1)):
+        raise ValueError("--traj, --steps, --iters and --batch-size must be positive")
     try:
         args.traj_cfg = tuple(float(v) for v in args.traj_cfg.split(","))
     except ValueError:
@@ -179,7 +203,8 @@ def get_args(argv=None):
 
 def identity(args):
     """What a resumed run must agree on."""
-    return {k: getattr(args, k) for k in ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "batch_size", "init", "act")}
+    return {k: getattr(args, k) for k in ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "batch_size", "init",
+                                         "act", "traj", "steps", "traj_cfg", "loss", "seed")}
 
 
 def train(args):
@@ -199,7 +224,7 @@ def train(args):
     torch.manual_seed(args.seed)
     model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets, seed=args.seed,
                             init=args.init, act=args.act)
-    data = trajectories(fp, args.traj, args.traj_steps, args.traj_cfg, seed=args.seed)  # deterministic: rebuilt on resume
+    data = trajectories(fp, args.traj, args.steps, args.traj_cfg, seed=args.seed)  # deterministic: rebuilt on resume
     opt = make_optimizer(model, args.lr, args.lr_scale)
     gen, step = torch.Generator().manual_seed(args.seed), 0
     if args.resume:
@@ -222,14 +247,14 @@ def train(args):
             dist.barrier()
 
     losses, t0 = [], time.time()
-    bar = tqdm(total=args.steps, initial=step, desc=f"QAT W{args.wbits}A{args.abits} {args.hadamard}",
+    bar = tqdm(total=args.iters, initial=step, desc=f"QAT W{args.wbits}A{args.abits} {args.hadamard}",
                disable=None if rank == 0 else True)
     model.eval()  # important! train() would switch on the label embedder's class dropout
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     b = args.batch_size // world
-    while step < args.steps:
+    while step < args.iters:
         idx = torch.randint(0, len(data[0]), (args.batch_size,), generator=gen)[rank * b:(rank + 1) * b].to(device)
-        loss = distill_loss(net, [d[idx] for d in data])
+        loss = distill_loss(net, [d[idx] for d in data], args.loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP: gradients averaged over the processes = the global batch's mean
         opt.step()
@@ -241,8 +266,10 @@ def train(args):
         losses.append(lv.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3e}")
-        if step % args.ckpt_every == 0 or step == args.steps:
+        if step % args.ckpt_every == 0 or step == args.iters:
             save()
+        if args.snapshot_every and step % args.snapshot_every == 0 and rank == 0 and args.out:
+            export(model, recipe, cfg, snapshot_path(args.out, step), calibration(args))
         if args.minutes and time.time() - t0 > 60 * args.minutes:
             save()
             break
@@ -262,15 +289,21 @@ def export(model, recipe, cfg, path, calib):
     return model
 
 
+def weights_of(q):
+    """A QuantLinear's trained weights: W̃ and, where the recipe has one, its float low-rank branch."""
+    return [p for p in (q.weight, q.lora_u, q.lora_v) if p is not None]
+
+
 def steps_of(q, weight=False):
-    """A QuantLinear's learnable step sizes: weight steps, then the activation steps or clip ratios."""
-    return [p for p in ((q.weight,) if weight else ()) + (q.w_scale, q.a_scale, q.a_clip) if p is not None]
+    """A QuantLinear's learnable step sizes (weight steps, then activation steps or clip ratios), after
+    its weights if `weight`."""
+    return (weights_of(q) if weight else []) + [p for p in (q.w_scale, q.a_scale, q.a_clip) if p is not None]
 
 
 def make_optimizer(model, lr, lr_scale):
     """AdamW over the QuantLinears: weights at lr, step sizes and clip ratios (LSQ) at lr_scale."""
     qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    return torch.optim.AdamW([{"params": [q.weight for q in qs], "lr": lr},
+    return torch.optim.AdamW([{"params": [p for q in qs for p in weights_of(q)], "lr": lr},
                               {"params": [p for q in qs for p in steps_of(q)], "lr": lr_scale}],
                              weight_decay=0)
 
@@ -281,23 +314,32 @@ def lesson(steps=30, n=8, traj_steps=10):
     fp = dit.load_checkpoint(dit.DEFAULT_CKPT)[0].requires_grad_(False)
     torch.manual_seed(0)
     model, _ = prepare(fp, 4, 4, "single", calib_n=n, calib_steps=traj_steps)
-    data = trajectories(fp, n, traj_steps)  # 2·n·traj_steps (x_t, t, y, ε_fp) targets
+    data = trajectories(fp, n, traj_steps)  # n·traj_steps states (x_t, t, y) with both FP predictions
     opt, gen = make_optimizer(model, 1e-4, 1e-3), torch.Generator().manual_seed(0)
     model.eval()  # important! no label dropout
-    print(f"HQ-DM W4A4 (single Hadamard) distilled from {dit.DEFAULT_CKPT}'s own CFG trajectories "
-          f"({n} images x {traj_steps} DDIM steps = {len(data[0])} targets), batch 32:")
+    print(f"HQ-DM W4A4 (single Hadamard) distilled from {dit.DEFAULT_CKPT}'s own CFG 4.0 trajectories "
+          f"({n} images x {traj_steps} DDIM steps = {len(data[0])} states), batch 16:")
     for step in range(steps + 1):
         if step % 5 == 0:
             with torch.no_grad():
-                print(f"  step {step:3d}  MSE(ε_q, ε_fp) on all targets {distill_loss(model, data).item():.3e}")
+                print(f"  step {step:3d}  MSE of the guided ε on all states {distill_loss(model, data).item():.3e}")
         if step < steps:
-            idx = torch.randint(0, len(data[0]), (32,), generator=gen)
+            idx = torch.randint(0, len(data[0]), (16,), generator=gen)
             loss = distill_loss(model, [d[idx] for d in data])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    print(f"{steps} steps in {time.time() - t0:.0f} s; the shipped run: python qat.py --wbits 4 --abits 4 "
-          f"--out ...   (300 steps; see --help)")
+    print(f"{steps} steps in {time.time() - t0:.0f} s; a real run: python qat.py train --wbits 4 --abits 4 "
+          f"--out ...   (see docs/qat.md)")
+
+
+def snapshot_path(out, step):
+    return f"{out[:-3] if out.endswith('.pt') else out}_iter{step}.pt"
+
+
+def calibration(args):
+    """What a QAT checkpoint records of its making: the run's settings and the FP file's SHA-256."""
+    return dict({k: v for k, v in vars(args).items() if v is not None}, fp_sha256=common.file_sha256(args.ckpt))
 
 
 def main(argv=None):
@@ -306,12 +348,13 @@ def main(argv=None):
         return lesson()
     args = get_args(argv)
     t0 = time.time()
-    if args.score:
+    if args.cmd == "score":
         fp = dit.load_checkpoint(args.ckpt)[0].requires_grad_(False)
-        data = trajectories(fp, args.traj, args.traj_steps, args.traj_cfg, seed=args.seed)
-        for path in args.score:
-            print(f"{path}: MSE(ε_q, ε_fp) {score(calibrate.load_quantized(path)[0], data):.3e} on {args.traj} "
-                  f"trajectories x {args.traj_steps} steps (seed {args.seed}, CFG {'/'.join(map(str, args.traj_cfg))})")
+        data = trajectories(fp, args.traj, args.steps, args.traj_cfg, seed=args.seed)
+        for path in args.qckpt:
+            print(f"{path}: MSE(ε_q, ε_fp) {score(calibrate.load_quantized(path)[0], data, loss=args.loss):.3e} "
+                  f"({args.loss}) on {args.traj} trajectories x {args.steps} steps (seed {args.seed}, "
+                  f"CFG {'/'.join(map(str, args.traj_cfg))})")
         return
     model, recipe, cfg, losses = train(args)
     msg = f"QAT {recipe['method']} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"
@@ -321,8 +364,7 @@ def main(argv=None):
     if int(os.environ.get("RANK", 0)) != 0:
         return
     if args.out:
-        calib = {k: v for k, v in vars(args).items() if v is not None}
-        export(model, recipe, cfg, args.out, dict(calib, fp_sha256=common.file_sha256(args.ckpt)))
+        export(model, recipe, cfg, args.out, calibration(args))
         msg += f"; saved {args.out}"
     print(msg)
 

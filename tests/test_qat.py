@@ -63,27 +63,52 @@ def test_clip_ratio_gradient_reaches_each_bucket_and_matches_finite_differences_
     torch.testing.assert_close(auto, torch.tensor(fd), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("act", qat.ACTS)
-def test_a_few_qat_steps_lower_the_distillation_loss(teacher, act):
+@pytest.mark.parametrize("act,init,loss", [("token", "hadanorm", "guided"), ("static", "hadanorm", "branch"),
+                                           ("token", "svdquant-hadanorm", "guided")])
+def test_a_few_qat_steps_lower_the_distillation_loss(teacher, act, init, loss):
     fp, _ = dit.load_checkpoint(teacher)
-    model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4, act=act)
+    model, rec = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4, act=act, init=init)
     data = qat.trajectories(fp, n=4, steps=3, cfg_scale=(4.0, 1.5))  # trajectories 0, 2 at CFG 4; 1, 3 at 1.5
     one = qat.trajectories(fp, n=4, steps=3, cfg_scale=4.0)
-    i = torch.arange(24).view(3, 8)  # (3 steps, 8): per step [cond 0..3, null 0..3]
+    assert [len(d) for d in data] == [12] * 6 and data[5].tolist() == [4.0, 1.5, 4.0, 1.5] * 3
+    at4 = torch.tensor([0, 2, 4, 6, 8, 10])  # (steps x trajectories): the CFG-4 trajectories agree with `one`
     for d, o in zip(data, one):
-        torch.testing.assert_close(d[i[:, [0, 2, 4, 6]]], o[i[:, [0, 2, 4, 6]]])  # the CFG-4 trajectories agree
-    assert not torch.allclose(data[0][i[1:, 1]], one[0][i[1:, 1]])  # the CFG-1.5 ones go elsewhere
-    batch = [d[:16] for d in data]
+        torch.testing.assert_close(d[at4], o[at4])
+    assert not torch.allclose(data[0][[5, 9]], one[0][[5, 9]])  # the CFG-1.5 ones go elsewhere after step 0
     qs = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
-    opt = torch.optim.Adam([p for q in qs for p in qat.steps_of(q, weight=True)], lr=1e-3)
-    before = qat.distill_loss(model, batch).item()
+    assert (init == "svdquant-hadanorm") == all(q.lora_u is not None and q.lora_u.requires_grad for q in qs)
+    opt = qat.make_optimizer(model, 1e-4, 1e-3)
+    before = qat.distill_loss(model, data, loss).item()
+    a0 = [(q.a_clip if act == "token" else q.a_scale).detach().clone() for q in qs]
     for _ in range(5):
         opt.zero_grad()
-        qat.distill_loss(model, batch).backward()
+        qat.distill_loss(model, data, loss).backward()
         opt.step()
     a = [q.a_clip if act == "token" else q.a_scale for q in qs]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a)  # gradients reach the activation steps
-    assert qat.distill_loss(model, batch).item() < before
+    assert all(not torch.equal(p, p0) for p, p0 in zip(a, a0))  # and move them
+    assert qat.distill_loss(model, data, loss).item() < before
+
+
+def test_guided_loss_is_the_error_of_what_the_sampler_uses(teacher):
+    """The guided loss equals the MSE of ε_null + s (ε_cond − ε_null) between the two models, at each
+    trajectory's own scale (a loss on the two halves alone does not)."""
+    fp, _ = dit.load_checkpoint(teacher)
+    model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4)
+    quant.set_quantization(model, False)  # no quantizer: the sums must agree to float rounding, whatever the batch
+    with torch.no_grad():
+        for q in model.modules():
+            if isinstance(q, quant.QuantLinear):
+                q.weight += 0.01 * torch.randn_like(q.weight)  # a model that differs from the teacher
+    data = qat.trajectories(fp, n=2, steps=2, cfg_scale=(4.0, 1.5))
+    x, t, y, ec, eu, s = data
+    with torch.no_grad():
+        from diffusion import guided
+        got = qat.distill_loss(model, data, "guided").item()
+        want = torch.cat([(guided(model, y[i:i + 1], s[i].item())(x[i:i + 1], t[i:i + 1])
+                           - (eu[i] + s[i] * (ec[i] - eu[i]))).pow(2).flatten() for i in range(len(x))]).mean()
+        assert abs(got - want.item()) <= 1e-5 * want.item() + 1e-8
+        assert abs(qat.distill_loss(model, data, "branch").item() - got) > 1e-3 * got
 
 
 def test_hadanorm_init_with_token_clip_starts_at_ptq_hadanorm(teacher):
@@ -99,9 +124,9 @@ def test_hadanorm_init_with_token_clip_starts_at_ptq_hadanorm(teacher):
         torch.testing.assert_close(double(x, t, y), ptq_model(x, t, y))
 
 
-def args(teacher, run, steps, *extra):
-    return qat.get_args(["--ckpt", teacher, "--steps", str(steps), "--traj", "2", "--traj-steps", "3", "--batch-size", "8",
-                         "--state-dir", run, "--ckpt-every", "2", *extra])
+def args(teacher, run, iters, *extra):
+    return qat.get_args(["train", "--ckpt", teacher, "--iters", str(iters), "--traj", "2", "--steps", "3",
+                         "--batch-size", "4", "--state-dir", run, "--ckpt-every", "2", *extra])
 
 
 def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teacher):
@@ -128,10 +153,11 @@ def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode, 
 
 
 def test_bad_input_exit_2(teacher):
-    r = subprocess.run([sys.executable, "qat.py", "--ckpt", teacher, "--abits", "2", "--steps", "1"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "qat.py", "train", "--ckpt", teacher, "--abits", "2", "--iters", "1"], cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "unsupported bit width 2" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "qat.py", "--ckpt", teacher, "--act", "tensor"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "qat.py", "train", "--ckpt", teacher, "--act", "tensor"], cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'tensor'" in r.stderr
 
 
@@ -141,7 +167,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, teacher):
             "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "qat.py"]}
     got = {}
     for name, cmd in runs.items():
-        r = subprocess.run(cmd + ["--ckpt", teacher, "--steps", "3", "--traj", "2", "--traj-steps", "3", "--batch-size", "8",
+        r = subprocess.run(cmd + ["train", "--ckpt", teacher, "--iters", "3", "--traj", "2", "--steps", "3", "--batch-size", "4",
                                   "--state-dir", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
@@ -170,12 +196,21 @@ def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
     assert rows[1].startswith("| FP32 | fp32 (eager) | 1.5 | 4 |")
     assert rows[2].startswith("| W4A4 hqdm-single (q.pt) | integer | 1.5 | 4 |")
-    qat.main(["--ckpt", teacher, "--score", out, "--traj", "2", "--traj-steps", "3", "--seed", "7"])
-    data = qat.trajectories(fp=dit.load_checkpoint(teacher)[0], n=2, steps=3, seed=7)
-    q = calibrate.load_quantized(out)[0]
-    want = qat.distill_loss(q, data).item()
+    qat.main(["score", out, "--ckpt", teacher, "--traj", "2", "--steps", "3", "--seed", "7"])
+    fp = dit.load_checkpoint(teacher)[0]
+    data = qat.trajectories(fp, n=2, steps=3, seed=7)
     got = float(capsys.readouterr().out.split("MSE(ε_q, ε_fp) ")[1].split()[0])
-    assert abs(got - want) <= 1e-3 * want and abs(qat.score(q, data, chunk=5) - want) <= 1e-5 * want  # 12 = 5 + 5 + 2
+    want = qat.score(calibrate.load_quantized(out)[0], data)
+    assert abs(got - want) <= 1e-3 * want  # the CLI prints score() of the loaded checkpoint
+    # chunks are weighted by their size (6 = 5 + 1): exact where no quantizer can flip a code with the
+    # batch shape (a 4-bit model's loss moves with the GEMM kernel a batch shape picks, by ~1e-4 on AMX)
+    noisy = qat.prepare(fp, 8, 8, "none", init="plain")[0]
+    with torch.no_grad():
+        quant.set_quantization(noisy, False)
+        for p in noisy.parameters():
+            p += 0.01 * torch.randn_like(p)  # a model that differs from the teacher
+        full = qat.distill_loss(noisy, data).item()
+    assert abs(qat.score(noisy, data, chunk=5) - full) <= 1e-5 * full
     with pytest.raises(FileNotFoundError, match="no such file"):
         evaluate.main(["table", "--ckpt", teacher, "--qckpt", str(tmp_path / "none.pt")])
 
@@ -187,7 +222,7 @@ def test_sample_w4a4_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, t
     with pytest.raises(ValueError, match="QAT checkpoints come from training"):
         sample.main(base)  # never calibrated on the fly
     path = sample.quantized_path(teacher, "w4a4", "hqdm")
-    qat.main(["--ckpt", teacher, "--steps", "1", "--traj", "2", "--traj-steps", "3", "--batch-size", "8",
+    qat.main(["train", "--ckpt", teacher, "--iters", "1", "--traj", "2", "--steps", "3", "--batch-size", "4",
               "--state-dir", str(tmp_path / "run"), "--out", path])
     capsys.readouterr()
     sample.main(base)
