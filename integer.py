@@ -154,14 +154,16 @@ class IntLinear(nn.Module):
         self.gemm = "int_mm" if self.digits > 1 or bound >= 2 ** 24 or not codes.is_cpu else gemm
         self.offset_codes = 128 if self.gemm == "onednn" else 0
         self.w_gemm = prepare_weight(self.w_codes, self.gemm) if self.gemm == "onednn" else None
-        v = None
+        vt = ut = None
         if self.lora_v is not None:  # x̃ Vᵀ on the unquantized transformed input = x V_rawᵀ on the raw one
             v = self.lora_v
             if self.rotate and not self.single:
                 v = hadamard.transform(v, inverse=True, block=self.block, signs=self.signs)
             if self.s is not None and not self.input_prescaled:
                 v = v / self.s
-        self.register_buffer("lora_v_raw", v, persistent=False)
+            vt, ut = v.T.contiguous(), self.lora_u.T.contiguous()  # (K, r) and (r, N): the kernel's layouts
+        self.register_buffer("lora_vt", vt, persistent=False)
+        self.register_buffer("lora_ut", ut, persistent=False)
         hk, self.hm = kernels.kernel_args(self.rotate, self.block, K)  # the C kernel's Hadamard factors
         self.register_buffer("hk", hk, persistent=False)
         term = None
@@ -184,16 +186,17 @@ class IntLinear(nn.Module):
         return self.center == "dynamic", mu, s, ratio, step
 
     def quantize_input(self, x2, tokens):
-        """x (M, K), `tokens` rows per sample -> codes (M, K'), steps (M, 1) and, with dynamic centring,
-        μ̃ (S, K): centre, scale, rotate and quantize per token, in one fused pass."""
+        """x (M, K), `tokens` rows per sample -> codes (M, K'), steps (M, 1), μ̃ (S, K) with dynamic centring
+        (else None), and the low-rank branch's x V_rawᵀ (M, r) or None: in one fused pass."""
         center, mu, s, ratio, step = self.quant_args(x2.shape[0] // tokens)
         if self.use_kernel and x2.is_cpu and x2.dtype == torch.float32:
-            q, st, mu_t = kernels.act_quant_c(x2, self.a_bits, tokens, center, mu, s, self.signs, self.hk, self.hm, ratio,
-                                      step, self.dup16, self.offset_codes)
+            q, st, mu_t, lr = kernels.act_quant_c(x2, self.a_bits, tokens, center, mu, s, self.signs, self.hk, self.hm,
+                                                  ratio, step, self.dup16, self.offset_codes, self.lora_vt)
         else:
-            q, st, mu_t = kernels.act_quant_torch(x2.float(), self.a_bits, tokens, center, mu, s, self.signs, self.rotate,
-                                          self.block, ratio, step, self.dup16, self.offset_codes)
-        return q, st, (mu_t if center else None)
+            q, st, mu_t, lr = kernels.act_quant_torch(x2.float(), self.a_bits, tokens, center, mu, s, self.signs,
+                                                      self.rotate, self.block, ratio, step, self.dup16,
+                                                      self.offset_codes, self.lora_vt)
+        return q, st, (mu_t if center else None), (lr if self.lora_vt is not None else None)
 
     def matmul(self, q):
         """Codes (M, K') -> q Rᵀ (M, N), exact (int32, int64, or float32 holding integers)."""
@@ -225,20 +228,22 @@ class IntLinear(nn.Module):
             t = self.bias.view(1, -1) if t is None else t + self.bias
         return t
 
-    def dequantize(self, q, st, mu_t, tokens):
-        """Codes -> integer GEMM -> float (S, T, N): per-token times per-channel steps, plus the offset."""
+    def dequantize(self, q, st, mu_t, lr, tokens):
+        """Codes -> integer GEMM -> float (S, T, N): per-token times per-channel steps, plus the offset and
+        the low-rank branch's up-projection (lr @ Uᵀ)."""
         y = self.matmul(q) * st  # (M, N) float: the exact product times each token's step, one pass
-        y = (y * self.w_scale_eff).view(-1, tokens, self.out_features)  # times each channel's step
+        y = y * self.w_scale_eff  # times each channel's step
+        if lr is not None:
+            y = y + lr @ self.lora_ut
+        y = y.view(-1, tokens, self.out_features)
         off = self.offset(mu_t)
         return y if off is None else y + off.unsqueeze(1)
 
     def forward(self, x):
         tokens = x.shape[-2] if x.dim() >= 3 else x.shape[0]
         x2 = x.reshape(-1, self.in_features).float()  # (M, K), M = samples · tokens (bf16 float parts: cast)
-        q, st, mu_t = self.quantize_input(x2, tokens)  # (M, K') codes, (M, 1) steps, (S, K) μ̃ or None
-        y = self.dequantize(q, st, mu_t, tokens)  # (S, T, N)
-        if self.lora_v_raw is not None:
-            y = y + ((x2 @ self.lora_v_raw.T) @ self.lora_u.T).view(y.shape)
+        q, st, mu_t, lr = self.quantize_input(x2, tokens)  # (M, K') codes, (M, 1) steps, μ̃, x V_rawᵀ
+        y = self.dequantize(q, st, mu_t, lr, tokens)  # (S, T, N)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self):
@@ -258,8 +263,7 @@ class IntMlp(nn.Module):
 
     @staticmethod
     def fusable(fc1, fc2):
-        return (isinstance(fc1, IntLinear) and isinstance(fc2, IntLinear) and fc1.digits == 1
-                and fc1.lora_v is None and fc2.lora_v is None)
+        return isinstance(fc1, IntLinear) and isinstance(fc2, IntLinear) and fc1.digits == 1
 
     def forward(self, x):
         fc1, fc2 = self.fc1, self.fc2
@@ -267,12 +271,13 @@ class IntMlp(nn.Module):
             return fc2(self.act(fc1(x)))
         tokens = x.shape[-2] if x.dim() >= 3 else x.shape[0]
         x2 = x.reshape(-1, fc1.in_features).float()  # (M, D)
-        q1, st1, mu1 = fc1.quantize_input(x2, tokens)
+        q1, st1, mu1, lr1 = fc1.quantize_input(x2, tokens)
         acc = fc1.matmul(q1)  # (M, 4D), exact
         center, mu, s, ratio, step = fc2.quant_args(x2.shape[0] // tokens)
-        q2, st2, mu2 = kernels.gelu_quant_c(acc, st1, fc1.w_scale_eff, fc1.offset(mu1), fc2.a_bits, tokens, center, mu, s,
-                                    fc2.signs, fc2.hk, fc2.hm, ratio, step, fc2.dup16, fc2.offset_codes)
-        y = fc2.dequantize(q2, st2, mu2 if center else None, tokens)
+        q2, st2, mu2, lr2 = kernels.gelu_quant_c(acc, st1, fc1.w_scale_eff, fc1.offset(mu1), fc2.a_bits, tokens, center,
+                                                 mu, s, fc2.signs, fc2.hk, fc2.hm, ratio, step, fc2.dup16,
+                                                 fc2.offset_codes, lr1, fc1.lora_ut, fc2.lora_vt)
+        y = fc2.dequantize(q2, st2, mu2 if center else None, lr2 if fc2.lora_vt is not None else None, tokens)
         return y.view(*x.shape[:-1], fc2.out_features).to(x.dtype)
 
 

@@ -69,6 +69,27 @@ static void rotate_any(float* g, float* out, const float* HK, int64_t K0, int64_
         }
 }
 
+/* a += x V: the low-rank branch's down-projection of one row (V given transposed, K x r); with r a
+   multiple of 16 it is r/16 vector multiply-adds per channel. Fused multiply-adds are fine here: this
+   float branch matches nothing bit for bit. */
+static void lowrank_down(const float* x, const float* vt, int64_t K, int64_t r, float* a) {
+    for (int64_t j = 0; j < r; j++) a[j] = 0.0f;
+    for (int64_t k = 0; k < K; k++) {
+        const float xk = x[k];
+        const float* v = vt + k * r;
+        for (int64_t j = 0; j < r; j++) a[j] += xk * v[j];
+    }
+}
+
+/* y += a U: the up-projection of one row (U given transposed, r x N) */
+static void lowrank_up(const float* a, const float* ut, int64_t r, int64_t N, float* y) {
+    for (int64_t j = 0; j < r; j++) {
+        const float aj = a[j];
+        const float* u = ut + j * N;
+        for (int64_t n = 0; n < N; n++) y[n] += aj * u[n];
+    }
+}
+
 #pragma GCC pop_options
 
 /* v = ((x - mu) / scale) * signs (each optional), then the rotation: one transformed row into w */
@@ -127,11 +148,12 @@ static float quantize_row(const float* w, int64_t K, float ratio, const float* f
 /* act_quant: M rows x of K channels, T rows per sample, -> codes q (M x K, or M x 2K with dup16) and
    steps (M). center: each sample's mean over its rows is subtracted, and its transformed value
    ((mean / scale) * signs, rotated) written to mean_out (S x K); else a given mean (one row, or one per
-   sample with mean_stride = K) or none. ratio / fixed: per-sample clip ratio or fixed step, or NULL. */
+   sample with mean_stride = K) or none. ratio / fixed: per-sample clip ratio or fixed step, or NULL.
+   vt (K x r, or NULL): a low-rank branch's down-projection of the raw rows, written to lr_out (M x r). */
 void act_quant(const float* x, float* steps, uint8_t* q, float* mean_out, int64_t M, int64_t K, int64_t T,
                int64_t center, const float* mean, int64_t mean_stride, const float* scale, const float* signs,
                const float* HK, int64_t K0, int64_t m, const float* ratio, const float* fixed,
-               int64_t qmax, int64_t dup16, int64_t offset) {
+               int64_t qmax, int64_t dup16, int64_t offset, const float* vt, int64_t rank, float* lr_out) {
     const int64_t ldq = dup16 ? 2 * K : K;
     if (center) {
         #pragma omp parallel for schedule(static)
@@ -144,6 +166,7 @@ void act_quant(const float* x, float* steps, uint8_t* q, float* mean_out, int64_
             transform_row(mu, 0, scale, signs, HK, K0, m, K, mean_out + si * K);
             for (int64_t t = 0; t < T; t++) {
                 const int64_t r = si * T + t;
+                if (vt) lowrank_down(x + r * K, vt, K, rank, lr_out + r * rank);
                 transform_row(x + r * K, mu, scale, signs, HK, K0, m, K, w);
                 steps[r] = quantize_row(w, K, ratio ? ratio[si] : 1.0f, fixed ? fixed + si : 0, qmax, dup16,
                                         offset, q + r * ldq);
@@ -154,6 +177,7 @@ void act_quant(const float* x, float* steps, uint8_t* q, float* mean_out, int64_
         for (int64_t r = 0; r < M; r++) {
             const int64_t si = r / T;
             float w[K + 16];
+            if (vt) lowrank_down(x + r * K, vt, K, rank, lr_out + r * rank);
             transform_row(x + r * K, mean ? mean + si * mean_stride : 0, scale, signs, HK, K0, m, K, w);
             steps[r] = quantize_row(w, K, ratio ? ratio[si] : 1.0f, fixed ? fixed + si : 0, qmax, dup16, offset,
                                     q + r * ldq);
@@ -185,12 +209,14 @@ static inline float exp_poly(float x) {
    sample (T rows) at a time, its rows staying in cache:
      h = GELU(acc * st * ws + term[s]), GELU's tanh form computed as x / (1 + exp(-2u)),
      u = sqrt(2/pi) (x + 0.044715 x^3), term: fc1's bias and mean term (S x K, or one row),
-   then what act_quant does to h. */
+   plus fc1's low-rank branch a1 U1 (a1: M x r1 from act_quant, U1 transposed r1 x K) before the GELU,
+   then what act_quant does to h (with fc2's down-projection vt2, K x r2, of h into lr_out, M x r2). */
 void gelu_quant(const int32_t* acc, const float* acc_f, const float* st, const float* ws, const float* term,
                 int64_t term_stride, float* steps, uint8_t* q, float* mean_out, int64_t M, int64_t K, int64_t T,
                 int64_t center, const float* mean, int64_t mean_stride, const float* scale, const float* signs,
                 const float* HK, int64_t K0, int64_t m, const float* ratio, const float* fixed, int64_t qmax,
-                int64_t dup16, int64_t offset) {
+                int64_t dup16, int64_t offset, const float* a1, const float* u1t, int64_t r1, const float* vt2,
+                int64_t r2, float* lr_out) {
     const int64_t ldq = dup16 ? 2 * K : K;
     #pragma omp parallel
     {
@@ -205,10 +231,14 @@ void gelu_quant(const int32_t* acc, const float* acc_f, const float* st, const f
                 float* hr = h + t * K;
                 for (int64_t k = 0; k < K; k++) {
                     float y = (acc ? (float)acc[r * K + k] : acc_f[r * K + k]) * st[r] * ws[k];
-                    if (tr) y = y + tr[k];
-                    float u = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
+                    hr[k] = tr ? y + tr[k] : y;
+                }
+                if (u1t) lowrank_up(a1 + r * r1, u1t, r1, K, hr);
+                for (int64_t k = 0; k < K; k++) {
+                    const float y = hr[k], u = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
                     hr[k] = y / (1.0f + exp_poly(-2.0f * u));
                 }
+                if (vt2) lowrank_down(hr, vt2, K, r2, lr_out + r * r2);
             }
             const float* mrow = mean ? mean + si * mean_stride : 0;
             if (center) {

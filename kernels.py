@@ -39,14 +39,16 @@ C_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels.c")
 #################################################################################
 
 def act_quant_torch(x, bits, tokens, center=False, mean=None, scale=None, signs=None, rotate=False, block=None,
-                    ratio=None, step=None, dup16=False, offset=0):
-    """x (M, K), `tokens` rows per sample -> (codes (M, K) int8, steps (M, 1), μ̃ (S, K) or None).
+                    ratio=None, step=None, dup16=False, offset=0, lora_vt=None):
+    """x (M, K), `tokens` rows per sample -> (codes (M, K) int8, steps (M, 1), μ̃ (S, K) or None,
+    x V (M, r) or None).
 
     x̃ = ((x − μ) / scale) Hᵀ, each part optional: μ each sample's mean over its tokens (center; its
     transformed value μ̃ = (μ / scale) Hᵀ is returned) or a given `mean` (1, K). Then per token the step
     max|x̃| · ratio / qmax (ratio (S,) per sample, default 1) or a given step (S,) per sample, and the
     codes clamp(round(x̃ / step)). dup16: codes [q, 16 q] of width 2K (HQ-DM's one-GEMM digit form).
-    offset 128: unsigned codes q + 128 (uint8), the form oneDNN's int8 linear takes."""
+    offset 128: unsigned codes q + 128 (uint8), the form oneDNN's int8 linear takes. lora_vt (K, r): a
+    low-rank branch's down-projection of the raw rows, returned."""
     M, K = x.shape
     qmax = 2 ** (bits - 1) - 1
     xs = x.view(-1, tokens, K)  # (S, T, K)
@@ -71,7 +73,7 @@ def act_quant_torch(x, bits, tokens, center=False, mean=None, scale=None, signs=
     if center:
         mean_t = mean if scale is None else mean / scale
         mean_t = hadamard.transform(mean_t, block=block, signs=signs) if rotate else mean_t
-    return q, st.reshape(M, 1), mean_t
+    return q, st.reshape(M, 1), mean_t, (None if lora_vt is None else x @ lora_vt)
 
 
 #################################################################################
@@ -103,8 +105,8 @@ def _build():
             os.replace(out, path)  # atomic: a concurrent build never sees half a file
     lib = ctypes.CDLL(path)
     P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.act_quant.argtypes = [P, P, P, P, I, I, I, I, P, I, P, P, P, I, I, P, P, I, I, I]
-    lib.gelu_quant.argtypes = [P, P, P, P, P, I, P, P, P, I, I, I, I, P, I, P, P, P, I, I, P, P, I, I, I]
+    lib.act_quant.argtypes = [P, P, P, P, I, I, I, I, P, I, P, P, P, I, I, P, P, I, I, I, P, I, P]
+    lib.gelu_quant.argtypes = [P, P, P, P, P, I, P, P, P, I, I, I, I, P, I, P, P, P, I, I, P, P, I, I, I, P, P, I, P, I, P]
     lib.act_quant.restype = lib.gelu_quant.restype = None
     return lib
 
@@ -155,55 +157,67 @@ def _outputs(M, K, S, dup16, offset):
 @torch.library.custom_op("dit4bit::act_quant", mutates_args=())
 def act_quant_c(x: torch.Tensor, bits: int, tokens: int, center: bool, mean: Optional[torch.Tensor],
                 scale: Optional[torch.Tensor], signs: Optional[torch.Tensor], hk: Optional[torch.Tensor], m: int,
-                ratio: Optional[torch.Tensor], step: Optional[torch.Tensor], dup16: bool,
-                offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """kernels.c's act_quant as a torch op: `act_quant_torch`'s arguments and results (μ̃ is empty
-    unless center), the Hadamard given as (H_K0, m) from `kernel_args`."""
+                ratio: Optional[torch.Tensor], step: Optional[torch.Tensor], dup16: bool, offset: int,
+                lora_vt: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kernels.c's act_quant as a torch op: `act_quant_torch`'s arguments and results (μ̃ and x V are
+    empty tensors when not asked for), the Hadamard given as (H_K0, m) from `kernel_args`."""
     M, K = x.shape
-    x, t = x.contiguous(), [_c(v) for v in (mean, scale, signs, hk, ratio, step)]
+    x, t = x.contiguous(), [_c(v) for v in (mean, scale, signs, hk, ratio, step, lora_vt)]
     q, steps, mean_t = _outputs(M, K, M // tokens if center else 0, dup16, offset)
+    r = 0 if lora_vt is None else lora_vt.shape[1]
+    lr = torch.empty(M if r else 0, r)
     _LIB.act_quant(x.data_ptr(), steps.data_ptr(), q.data_ptr(), mean_t.data_ptr(), M, K, tokens, int(center),
                    _p(t[0]), 0 if mean is None or mean.numel() == K else K, _p(t[1]), _p(t[2]), _p(t[3]),
-                   0 if hk is None else hk.shape[0], m, _p(t[4]), _p(t[5]), 2 ** (bits - 1) - 1, int(dup16), offset)
-    return q, steps, mean_t
+                   0 if hk is None else hk.shape[0], m, _p(t[4]), _p(t[5]), 2 ** (bits - 1) - 1, int(dup16), offset,
+                   _p(t[6]), r, lr.data_ptr())
+    return q, steps, mean_t, lr
 
 
 @act_quant_c.register_fake
-def _(x, bits, tokens, center, mean, scale, signs, hk, m, ratio, step, dup16, offset):
+def _(x, bits, tokens, center, mean, scale, signs, hk, m, ratio, step, dup16, offset, lora_vt):
     M, K = x.shape
+    r = 0 if lora_vt is None else lora_vt.shape[1]
     return (x.new_empty(M, 2 * K if dup16 else K, dtype=torch.uint8 if offset else torch.int8), x.new_empty(M, 1),
-            x.new_empty(M // tokens if center else 0, K))
+            x.new_empty(M // tokens if center else 0, K), x.new_empty(M if r else 0, r))
 
 
 @torch.library.custom_op("dit4bit::gelu_quant", mutates_args=())
 def gelu_quant_c(acc: torch.Tensor, st: torch.Tensor, ws: torch.Tensor, term: Optional[torch.Tensor], bits: int,
                  tokens: int, center: bool, mean: Optional[torch.Tensor], scale: Optional[torch.Tensor],
                  signs: Optional[torch.Tensor], hk: Optional[torch.Tensor], m: int, ratio: Optional[torch.Tensor],
-                 step: Optional[torch.Tensor], dup16: bool,
-                 offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 step: Optional[torch.Tensor], dup16: bool, offset: int, lora1: Optional[torch.Tensor],
+                 lora1_ut: Optional[torch.Tensor],
+                 lora_vt: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """fc1's exact accumulator (M, K) (int32, or float holding integers), its token steps st (M, 1),
-    channel steps ws (K,) and per-sample addend term (S, K) or (1, K) -> GELU -> `act_quant_c` of that."""
+    channel steps ws (K,), per-sample addend term (S, K) or (1, K) and low-rank branch lora1 (M, r1) @
+    lora1_ut (r1, K) -> GELU -> `act_quant_c` of that (lora_vt: fc2's down-projection)."""
     M, K = acc.shape
-    acc, t = acc.contiguous(), [_c(v) for v in (st, ws, term, mean, scale, signs, hk, ratio, step)]
+    acc, t = acc.contiguous(), [_c(v) for v in (st, ws, term, mean, scale, signs, hk, ratio, step, lora1, lora1_ut,
+                                                 lora_vt)]
     q, steps, mean_t = _outputs(M, K, M // tokens if center else 0, dup16, offset)
+    r1, r2 = (0 if v is None else v.shape[i] for v, i in ((lora1_ut, 0), (lora_vt, 1)))
+    lr = torch.empty(M if r2 else 0, r2)
     is_int = acc.dtype == torch.int32
     _LIB.gelu_quant(acc.data_ptr() if is_int else None, None if is_int else acc.data_ptr(), _p(t[0]), _p(t[1]),
                     _p(t[2]), 0 if term is None or term.shape[0] == 1 else K, steps.data_ptr(), q.data_ptr(),
                     mean_t.data_ptr(), M, K, tokens, int(center), _p(t[3]), 0 if mean is None or mean.numel() == K
                     else K, _p(t[4]), _p(t[5]), _p(t[6]), 0 if hk is None else hk.shape[0], m, _p(t[7]), _p(t[8]),
-                    2 ** (bits - 1) - 1, int(dup16), offset)
-    return q, steps, mean_t
+                    2 ** (bits - 1) - 1, int(dup16), offset, _p(t[9]), _p(t[10]), r1, _p(t[11]), r2, lr.data_ptr())
+    return q, steps, mean_t, lr
 
 
 @gelu_quant_c.register_fake
-def _(acc, st, ws, term, bits, tokens, center, mean, scale, signs, hk, m, ratio, step, dup16, offset):
+def _(acc, st, ws, term, bits, tokens, center, mean, scale, signs, hk, m, ratio, step, dup16, offset, lora1, lora1_ut,
+      lora_vt):
     M, K = acc.shape
+    r = 0 if lora_vt is None else lora_vt.shape[1]
     return (acc.new_empty(M, 2 * K if dup16 else K, dtype=torch.uint8 if offset else torch.int8),
-            acc.new_empty(M, 1, dtype=torch.float32), acc.new_empty(M // tokens if center else 0, K, dtype=torch.float32))
+            acc.new_empty(M, 1, dtype=torch.float32), acc.new_empty(M // tokens if center else 0, K, dtype=torch.float32),
+            acc.new_empty(M if r else 0, r, dtype=torch.float32))
 
 
 def act_quant(x, bits, tokens, center=False, mean=None, scale=None, signs=None, rotate=False, block=None,
-              ratio=None, step=None, dup16=False, offset=0, use_kernel=True):
+              ratio=None, step=None, dup16=False, offset=0, lora_vt=None, use_kernel=True):
     """Fused activation quantization (`act_quant_torch`'s arguments and results): the C kernel where it is
     available, on the CPU and asked for, else the torch reference. (IntLinear decides once, when it is
     built, and calls the two directly: this dispatch is not for compiled code.)"""
@@ -212,12 +226,14 @@ def act_quant(x, bits, tokens, center=False, mean=None, scale=None, signs=None, 
         ok, why = kernel_status()
         if ok:
             hk, m = kernel_args(rotate, block, x.shape[-1])
-            q, st, mu = act_quant_c(x, bits, tokens, center, mean, scale, signs, hk, m, ratio, step, dup16, offset)
-            return q, st, (mu if center else None)
+            q, st, mu, lr = act_quant_c(x, bits, tokens, center, mean, scale, signs, hk, m, ratio, step, dup16,
+                                        offset, lora_vt)
+            return q, st, (mu if center else None), (lr if lora_vt is not None else None)
         if not _WARNED:
             print(f"note: fused activation kernel unavailable ({why}); using the torch path", file=sys.stderr)
             _WARNED = True
-    return act_quant_torch(x, bits, tokens, center, mean, scale, signs, rotate, block, ratio, step, dup16, offset)
+    return act_quant_torch(x, bits, tokens, center, mean, scale, signs, rotate, block, ratio, step, dup16, offset,
+                           lora_vt)
 
 
 #################################################################################
@@ -262,9 +278,9 @@ def main():
         kw = dict(center=True, scale=torch.rand(K, generator=g) + 0.5, rotate=True)
         act_quant(x[:64], args.bits, 64, **kw)  # warm-up (and the kernel's first build)
         t0 = time.perf_counter()
-        qt, st, _ = act_quant_torch(x, args.bits, 64, **kw)
+        qt, st, _, _ = act_quant_torch(x, args.bits, 64, **kw)
         t1 = time.perf_counter()
-        qc, sc, _ = act_quant(x, args.bits, 64, **kw)
+        qc, sc, _, _ = act_quant(x, args.bits, 64, **kw)
         t2 = time.perf_counter()
         print(f"  K={K:5d}: torch {1e3 * (t1 - t0):7.2f} ms, kernel {1e3 * (t2 - t1):6.2f} ms; codes equal "
               f"{100 * (qc == qt).float().mean().item():.5f}% (the rest: rounding ties)")

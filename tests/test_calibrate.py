@@ -107,7 +107,8 @@ def test_bad_input_exits_2(tiny_ckpt, args, msg):
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("method,bits", [("rtn", (8, 8)), ("hadamard", (4, 4)), ("hadanorm", (4, 4)), ("ditas", (4, 8))])
+@pytest.mark.parametrize("method,bits", [("rtn", (8, 8)), ("hadamard", (4, 4)), ("hadanorm", (4, 4)), ("ditas", (4, 8)),
+                                         ("svdquant-hadanorm", (4, 4))])
 def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
     m = random_tiny()
     recipe = calibrate.build_recipe(m, stats, method, *bits, lora_rank=4, lora_iters=3)
@@ -123,9 +124,11 @@ def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
         sim_layers = {n: q(ins[n]) for n, _, _, q in quant.quant_layers(m)}
         integer.to_integer(m)
         out = m(x, t, y)
-        for n, _, _, q in quant.quant_layers(m):  # layer by layer: equal to float rounding
-            ref = sim_layers[n]
+        for n, _, _, q in quant.quant_layers(m):  # layer by layer, on the torch path: equal to float rounding
+            ref, kernel = sim_layers[n], q.use_kernel
+            q.use_kernel = False  # (the C kernel's codes may differ at an exact rounding tie: test_kernels.py)
             assert ((q(ins[n]) - ref).abs().max() / ref.abs().max()).item() < 1e-5, n
+            q.use_kernel = kernel
     # end to end, a float-rounding difference may flip one activation code somewhere: close, not equal
     rel = ((out - sim).abs().max() / sim.abs().max()).item()
     assert rel < 1e-2, rel

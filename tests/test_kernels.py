@@ -36,6 +36,8 @@ CASES = [  # K, keyword arguments of act_quant
     (192, dict(center=True, rotate=True, ratio="r")),  # QAT's learned clip ratio per sample
     (192, dict(rotate=True, step="s")),  # static steps per sample
     (192, dict(center=True, rotate=True, dup16=True)),  # HQ-DM's [q, 16 q]
+    (192, dict(center=True, scale="s", rotate=True, lora_vt="v")),  # SVDQuant's branch: x V in the same pass
+    (768, dict(rotate=True, lora_vt="v")),
 ]
 
 
@@ -54,6 +56,8 @@ def make(K, kw, S=6, T=16, seed=0):
         kw["ratio"] = torch.rand(S, generator=g) * 0.5 + 0.5
     if kw.get("step") == "s":
         kw["step"] = torch.rand(S, generator=g) * 0.3 + 0.1
+    if kw.get("lora_vt") == "v":
+        kw["lora_vt"] = torch.randn(K, 32, generator=g) / K ** 0.5
     return x, T, kw
 
 
@@ -64,8 +68,8 @@ def test_c_kernel_gives_the_torch_codes_steps_and_mean(K, kw, bits):
     if kw.get("dup16") and bits > 4:
         pytest.skip("[q, 16 q] is for 4-bit codes and below")
     x, T, kw = make(K, kw)
-    qt, st, mt = kernels.act_quant_torch(x, bits, T, **kw)
-    qc, sc, mc = kernels.act_quant(x, bits, T, **kw)
+    qt, st, mt, lt = kernels.act_quant_torch(x, bits, T, **kw)
+    qc, sc, mc, lc = kernels.act_quant(x, bits, T, **kw)
     assert qc.dtype == torch.int8 and qc.shape == qt.shape
     torch.testing.assert_close(sc, st, rtol=1e-5, atol=0)
     # the reference's unrounded values, to tell a rounding tie from a real difference
@@ -80,22 +84,30 @@ def test_c_kernel_gives_the_torch_codes_steps_and_mean(K, kw, bits):
         assert torch.equal(qc[:, K:], 16 * qc[:, :K])
     if kw.get("center"):
         torch.testing.assert_close(mc, mt, rtol=1e-4, atol=1e-5)
+    if kw.get("lora_vt") is not None:
+        torch.testing.assert_close(lc, lt, rtol=1e-4, atol=1e-4)  # the low-rank down-projection x V
 
 
 @needs_kernel
-@pytest.mark.parametrize("center", [True, False])
-def test_fused_gelu_pass_equals_gelu_then_quantization(center):
-    """fc1's accumulator -> dequantise -> GELU (tanh form) -> fc2's HadaNorm quantizer, in one C pass."""
+@pytest.mark.parametrize("center,lora", [(True, False), (False, False), (True, True)])
+def test_fused_gelu_pass_equals_gelu_then_quantization(center, lora):
+    """fc1's accumulator -> dequantise (+ its low-rank branch) -> GELU (tanh form) -> fc2's HadaNorm
+    quantizer (+ fc2's low-rank down-projection), in one C pass."""
     g = torch.Generator().manual_seed(1)
-    S, T, K = 4, 16, 768
+    S, T, K, r = 4, 16, 768, 32
     acc = torch.randint(-400, 400, (S * T, K), generator=g, dtype=torch.int32)
     st, ws = torch.rand(S * T, 1, generator=g) * 0.01, torch.rand(K, generator=g) * 0.2
     term = torch.randn(S, K, generator=g)
     scale = torch.rand(K, generator=g) + 0.5
-    h = torch.nn.functional.gelu((acc * st * ws).view(S, T, K) + term.unsqueeze(1), approximate="tanh").view(-1, K)
-    qt, stt, mt = kernels.act_quant_torch(h, 4, T, center=center, scale=scale, rotate=True)
+    lr1, ut1, vt2 = ((torch.randn(S * T, r, generator=g), torch.randn(r, K, generator=g) * 0.1,
+                      torch.randn(K, r, generator=g) / K ** 0.5) if lora else (None, None, None))
+    pre = (acc * st * ws).view(S, T, K) + term.unsqueeze(1)
+    pre = pre + (lr1 @ ut1).view(S, T, K) if lora else pre
+    h = torch.nn.functional.gelu(pre, approximate="tanh").view(-1, K)
+    qt, stt, mt, lt = kernels.act_quant_torch(h, 4, T, center=center, scale=scale, rotate=True, lora_vt=vt2)
     hk, m = kernels.kernel_args(True, None, K)
-    qc, sc, mc = kernels.gelu_quant_c(acc, st, ws, term, 4, T, center, None, scale, None, hk, m, None, None, False, 0)
+    qc, sc, mc, lc = kernels.gelu_quant_c(acc, st, ws, term, 4, T, center, None, scale, None, hk, m, None, None, False,
+                                          0, lr1, ut1, vt2)
     torch.testing.assert_close(sc, stt, rtol=1e-5, atol=0)  # the GELU agrees to a few ulp
     xs = h.view(S, T, K)
     xs = (xs - xs.mean(1, keepdim=True)) if center else xs
@@ -103,6 +115,8 @@ def test_fused_gelu_pass_equals_gelu_then_quantization(center):
     assert_codes_match_up_to_ties(qc, qt, v)
     if center:
         torch.testing.assert_close(mc, mt, rtol=1e-4, atol=1e-5)
+    if lora:
+        torch.testing.assert_close(lc, lt, rtol=1e-4, atol=1e-4)
 
 
 def test_int_gemm_is_exact_where_float32_is_not():
@@ -139,6 +153,6 @@ def test_no_compiler_falls_back_to_torch_and_says_so_once(monkeypatch, capsys, t
     assert not ok and "no-such-cc" in why
     x, T, kw = make(192, dict(center=True, rotate=True))
     for _ in range(2):
-        q, st, mt = kernels.act_quant(x, 4, T, **kw)
+        q, st, mt, _ = kernels.act_quant(x, 4, T, **kw)
     assert torch.equal(q, kernels.act_quant_torch(x, 4, T, **kw)[0])
     assert capsys.readouterr().err.count("using the torch path") == 1
