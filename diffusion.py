@@ -96,13 +96,17 @@ class Diffusion:
 
     # --- sampling ---------------------------------------------------------------------------
     def _eps_x0(self, model_fn, x, t, clip):
+        """The model's ε, the x̂_0 it implies (clipped to [-1, 1] for pixels), and ε re-derived from that
+        x̂_0, always, as the official DDIM step does (on the latent path too, where nothing is clipped:
+        the round trip is not the identity in float32)."""
         out = model_fn(x, torch.as_tensor(self.timestep_map, device=x.device)[t])
         C = x.shape[1]
         eps, rest = out[:, :C], out[:, C:]
-        x0 = self._at(np.sqrt(1.0 / self.alphas_cumprod), t, x) * x - self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), t, x) * eps
+        recip, recipm1 = self._at(np.sqrt(1.0 / self.alphas_cumprod), t, x), self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), t, x)
+        x0 = recip * x - recipm1 * eps
         if clip:
             x0 = x0.clamp(-1, 1)
-            eps = (self._at(np.sqrt(1.0 / self.alphas_cumprod), t, x) * x - x0) / self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), t, x)
+        eps = (recip * x - x0) / recipm1  # important! the official code re-derives ε from x̂_0
         return eps, x0, rest
 
     def ddim_step(self, model_fn, x, i, eta=0.0, clip=True, generator=None):

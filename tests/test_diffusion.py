@@ -105,3 +105,53 @@ def test_lesson_writes_the_noising_strip_without_the_data_set(tmp_path):
     corr = [float(r[3]) for r in rows]
     assert len(corr) == 3 and corr[0] > 0.99 and corr[0] > corr[1] > corr[2]  # the image fades into noise
     assert Image.open(tmp_path / "s.png").size == (7 * 32 * 4, 32 * 4)
+
+
+def official_ddim(betas_full, keep, model_fn, x, clip, eta=0.0, noise=None):
+    """The official guided-diffusion ddim_sample_loop, re-written from its formulas (respaced betas,
+    float64 tables cast to float32 at each use, x̂_0 from ε, clip or not, ε always re-derived from x̂_0)."""
+    acp_full, betas, last = np.cumprod(1 - betas_full), [], 1.0
+    for i, a in enumerate(acp_full):
+        if i in keep:
+            betas.append(1 - a / last)
+            last = a
+    acp = np.cumprod(1 - np.array(betas))
+    acp_prev = np.append(1.0, acp[:-1])
+    ext = lambda arr, i: torch.tensor(arr[i], dtype=torch.float64).float()
+    for i in range(len(keep))[::-1]:
+        eps = model_fn(x, torch.full((x.shape[0],), keep[i]))
+        x0 = ext(np.sqrt(1 / acp), i) * x - ext(np.sqrt(1 / acp - 1), i) * eps
+        x0 = x0.clamp(-1, 1) if clip else x0
+        eps = (ext(np.sqrt(1 / acp), i) * x - x0) / ext(np.sqrt(1 / acp - 1), i)
+        a, ap = ext(acp, i), ext(acp_prev, i)
+        sigma = eta * torch.sqrt((1 - ap) / (1 - a)) * torch.sqrt(1 - a / ap)
+        x = x0 * torch.sqrt(ap) + torch.sqrt(1 - ap - sigma ** 2) * eps
+        if i > 0 and eta > 0:
+            x = x + sigma * noise[i]
+    return x
+
+
+@pytest.mark.parametrize("clip", [True, False])  # pixels, and latents (nothing clipped)
+@pytest.mark.parametrize("steps", [50, 7])
+def test_ddim_equals_the_official_loop_bit_for_bit(clip, steps):
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(4, 4, generator=g) * 0.5
+    model_fn = lambda x, t: torch.einsum("ij,njhw->nihw", w, x) * (t.float() / 1000).view(-1, 1, 1, 1) + 0.1
+    z = torch.randn(3, 4, 8, 8, generator=g)
+    d = Diffusion.make(steps=steps)
+    ours = d.sample(model_fn, z, "ddim", clip=clip)
+    want = official_ddim(linear_betas(1000), space_timesteps(1000, steps), model_fn, z, clip)
+    assert torch.equal(ours, want)
+
+
+def test_ddim_with_eta_1_draws_the_ddpm_posterior_variance():
+    """σ_t(η = 1)² = (1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev) is the DDPM posterior variance β̃_t: two
+    runs of one step from the same x with different noise differ by 2 β̃_t in variance (σ = 0 fails)."""
+    d = Diffusion.make(steps=20)
+    x = torch.randn(1, 1, 64, 64).expand(2, -1, -1, -1).contiguous()
+    eps_fn = lambda x, t: 0.3 * x
+    for i in (15, 5, 1):
+        a = d.ddim_step(eps_fn, x[:1], i, eta=1.0, clip=False, generator=torch.Generator().manual_seed(1))
+        b = d.ddim_step(eps_fn, x[:1], i, eta=1.0, clip=False, generator=torch.Generator().manual_seed(2))
+        var = (a - b).pow(2).mean().item() / 2
+        assert abs(var / d.posterior_variance[i] - 1) < 0.1, (i, var, d.posterior_variance[i])
