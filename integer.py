@@ -234,7 +234,7 @@ class IntLinear(nn.Module):
         y = self.matmul(q) * st  # (M, N) float: the exact product times each token's step, one pass
         y = y * self.w_scale_eff  # times each channel's step
         if lr is not None:
-            y = y + lr @ self.lora_ut
+            y = y.addmm_(lr, self.lora_ut)  # in place: one GEMM that accumulates into y
         y = y.view(-1, tokens, self.out_features)
         off = self.offset(mu_t)
         return y if off is None else y + off.unsqueeze(1)

@@ -69,25 +69,47 @@ static void rotate_any(float* g, float* out, const float* HK, int64_t K0, int64_
         }
 }
 
-/* a += x V: the low-rank branch's down-projection of one row (V given transposed, K x r); with r a
-   multiple of 16 it is r/16 vector multiply-adds per channel. Fused multiply-adds are fine here: this
-   float branch matches nothing bit for bit. */
-static void lowrank_down(const float* x, const float* vt, int64_t K, int64_t r, float* a) {
-    for (int64_t j = 0; j < r; j++) a[j] = 0.0f;
-    for (int64_t k = 0; k < K; k++) {
-        const float xk = x[k];
-        const float* v = vt + k * r;
-        for (int64_t j = 0; j < r; j++) a[j] += xk * v[j];
+/* A += X V for n rows of X (row stride ldx): the low-rank branch's down-projection (V given transposed,
+   K x r; A is n x r). Rows go eight at a time against each 16-wide slice of V, so a slice loaded once
+   serves eight rows from registers: a row at a time streams all of V per row and runs at L2 speed.
+   Fused multiply-adds are fine here: this float branch matches nothing bit for bit. */
+static void lowrank_down(const float* x, int64_t ldx, int64_t n, const float* vt, int64_t K, int64_t r, float* a) {
+    int64_t i = 0;
+    if (r % 16 == 0)
+        for (; i + 8 <= n; i += 8)
+            for (int64_t j = 0; j < r; j += 16) {
+                v16 acc[8] = {{0}};
+                for (int64_t k = 0; k < K; k++) {
+                    const v16 v = *(const v16*)(vt + k * r + j);
+                    for (int64_t t = 0; t < 8; t++) acc[t] += x[(i + t) * ldx + k] * v;
+                }
+                for (int64_t t = 0; t < 8; t++) *(v16*)(a + (i + t) * r + j) = acc[t];
+            }
+    for (; i < n; i++) {                                  /* the rest, a row at a time */
+        float* ar = a + i * r;
+        for (int64_t j = 0; j < r; j++) ar[j] = 0.0f;
+        for (int64_t k = 0; k < K; k++)
+            for (int64_t j = 0; j < r; j++) ar[j] += x[i * ldx + k] * vt[k * r + j];
     }
 }
 
-/* y += a U: the up-projection of one row (U given transposed, r x N) */
-static void lowrank_up(const float* a, const float* ut, int64_t r, int64_t N, float* y) {
-    for (int64_t j = 0; j < r; j++) {
-        const float aj = a[j];
-        const float* u = ut + j * N;
-        for (int64_t n = 0; n < N; n++) y[n] += aj * u[n];
-    }
+/* Y += A U for n rows (U given transposed, r x N; Y is n x N): the up-projection, eight rows per slice */
+static void lowrank_up(const float* a, int64_t n, const float* ut, int64_t r, int64_t N, float* y) {
+    int64_t i = 0;
+    if (N % 16 == 0)
+        for (; i + 8 <= n; i += 8)
+            for (int64_t c = 0; c < N; c += 16) {
+                v16 acc[8];
+                for (int64_t t = 0; t < 8; t++) acc[t] = *(v16*)(y + (i + t) * N + c);
+                for (int64_t j = 0; j < r; j++) {
+                    const v16 u = *(const v16*)(ut + j * N + c);
+                    for (int64_t t = 0; t < 8; t++) acc[t] += a[(i + t) * r + j] * u;
+                }
+                for (int64_t t = 0; t < 8; t++) *(v16*)(y + (i + t) * N + c) = acc[t];
+            }
+    for (; i < n; i++)
+        for (int64_t j = 0; j < r; j++)
+            for (int64_t c = 0; c < N; c++) y[i * N + c] += a[i * r + j] * ut[j * N + c];
 }
 
 #pragma GCC pop_options
@@ -155,6 +177,11 @@ void act_quant(const float* x, float* steps, uint8_t* q, float* mean_out, int64_
                const float* HK, int64_t K0, int64_t m, const float* ratio, const float* fixed,
                int64_t qmax, int64_t dup16, int64_t offset, const float* vt, int64_t rank, float* lr_out) {
     const int64_t ldq = dup16 ? 2 * K : K;
+    if (vt) {                                             /* the branch first, 64 rows per task */
+        #pragma omp parallel for schedule(static)
+        for (int64_t b = 0; b < M; b += 64)
+            lowrank_down(x + b * K, K, M - b < 64 ? M - b : 64, vt, K, rank, lr_out + b * rank);
+    }
     if (center) {
         #pragma omp parallel for schedule(static)
         for (int64_t si = 0; si < M / T; si++) {
@@ -166,7 +193,6 @@ void act_quant(const float* x, float* steps, uint8_t* q, float* mean_out, int64_
             transform_row(mu, 0, scale, signs, HK, K0, m, K, mean_out + si * K);
             for (int64_t t = 0; t < T; t++) {
                 const int64_t r = si * T + t;
-                if (vt) lowrank_down(x + r * K, vt, K, rank, lr_out + r * rank);
                 transform_row(x + r * K, mu, scale, signs, HK, K0, m, K, w);
                 steps[r] = quantize_row(w, K, ratio ? ratio[si] : 1.0f, fixed ? fixed + si : 0, qmax, dup16,
                                         offset, q + r * ldq);
@@ -177,7 +203,6 @@ void act_quant(const float* x, float* steps, uint8_t* q, float* mean_out, int64_
         for (int64_t r = 0; r < M; r++) {
             const int64_t si = r / T;
             float w[K + 16];
-            if (vt) lowrank_down(x + r * K, vt, K, rank, lr_out + r * rank);
             transform_row(x + r * K, mean ? mean + si * mean_stride : 0, scale, signs, HK, K0, m, K, w);
             steps[r] = quantize_row(w, K, ratio ? ratio[si] : 1.0f, fixed ? fixed + si : 0, qmax, dup16, offset,
                                     q + r * ldq);
@@ -233,13 +258,13 @@ void gelu_quant(const int32_t* acc, const float* acc_f, const float* st, const f
                     float y = (acc ? (float)acc[r * K + k] : acc_f[r * K + k]) * st[r] * ws[k];
                     hr[k] = tr ? y + tr[k] : y;
                 }
-                if (u1t) lowrank_up(a1 + r * r1, u1t, r1, K, hr);
-                for (int64_t k = 0; k < K; k++) {
-                    const float y = hr[k], u = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
-                    hr[k] = y / (1.0f + exp_poly(-2.0f * u));
-                }
-                if (vt2) lowrank_down(hr, vt2, K, r2, lr_out + r * r2);
             }
+            if (u1t) lowrank_up(a1 + si * T * r1, T, u1t, r1, K, h);
+            for (int64_t k = 0; k < T * K; k++) {
+                const float y = h[k], u = 0.7978845608028654f * (y + 0.044715f * (y * y * y));
+                h[k] = y / (1.0f + exp_poly(-2.0f * u));
+            }
+            if (vt2) lowrank_down(h, K, T, vt2, K, r2, lr_out + si * T * r2);
             const float* mrow = mean ? mean + si * mean_stride : 0;
             if (center) {
                 for (int64_t k = 0; k < K; k++) mu[k] = 0.0f;
