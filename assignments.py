@@ -16,6 +16,12 @@ still holds).
     python assignments.py --list                         # exercises, their task and their tests
     python assignments.py --out handout                  # every exercise removed
     python assignments.py --out handout --only paley int4_pack
+    python assignments.py --check --only int4_pack         # each stored wrong answer must fail its tests
+
+A test that passes on a wrong answer grades nothing. tests/wrong_answers.json holds two to four plausible
+wrong answers per exercise (code a student could write: no sign extension, σ = 0, α fixed, ...);
+`--check` puts each into a copy of the project in place of the reference code and runs that exercise's
+tests, which must fail, and runs them once on the unchanged copy, where they must pass.
 """
 import argparse
 import json
@@ -32,7 +38,8 @@ import dit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MAP_FILE = os.path.join("tests", "exercises.json")
-TOOL_FILES = ("assignments.py", os.path.join("tests", "test_assignments.py"))  # instructor-only, not handed out
+WRONG_FILE = os.path.join("tests", "wrong_answers.json")
+TOOL_FILES = ("assignments.py", os.path.join("tests", "test_assignments.py"), WRONG_FILE)  # not handed out
 SKIP_DIRS = ("__pycache__", "runs")
 OPEN = re.compile(r"^(\s*)# exercise ([a-z0-9_]+): (.+?)\s*$")
 CLOSE = re.compile(r"^(\s*)# end exercise ([a-z0-9_]+)\s*$")
@@ -100,14 +107,35 @@ def load_map(root=ROOT):
     return json.load(open(path))
 
 
+def load_wrong(root=ROOT, exercises=None):
+    """-> {name: [{"why": str, "code": [region code or None (the reference kept), one per region]}]}."""
+    wrong = json.load(open(os.path.join(root, WRONG_FILE), encoding="utf-8"))
+    exercises = exercises or find_exercises(root)
+    for name, answers in wrong.items():
+        if name not in exercises:
+            raise ValueError(f"{WRONG_FILE}: unknown exercise {name}")
+        for a in answers:
+            if len(a["code"]) != len(exercises[name]["regions"]):
+                raise ValueError(f"{WRONG_FILE}: {name} '{a['why']}' gives {len(a['code'])} regions, "
+                                 f"the exercise has {len(exercises[name]['regions'])}")
+    return wrong
+
+
 #################################################################################
 #                               Writing a hand-out                               #
 #################################################################################
 
-def strip(text, regions):
-    """Replaces the inner lines of each region by one raise (the marker comments stay)."""
+def strip(text, regions, codes=None):
+    """Replaces the inner lines of each region by one raise (the marker comments stay), or by codes[i]
+    (unindented source; None keeps region i as it is)."""
     lines = text.split("\n")
-    for _, first, last, indent, task in sorted(regions, key=lambda r: -r[1]):  # bottom up: indices stay valid
+    codes = codes or [""] * len(regions)
+    for (_, first, last, indent, task), code in sorted(zip(regions, codes), key=lambda rc: -rc[0][1]):  # bottom up
+        if code is None:
+            continue
+        if code:
+            lines[first:last + 1] = [indent + line if line else line for line in code.split("\n")]
+            continue
         name = OPEN.match(lines[first - 1])[2]
         msg = f"exercise {name}: {task}".replace("\\", "\\\\").replace('"', '\\"')
         lines[first:last + 1] = [f'{indent}raise NotImplementedError("{msg}")']
@@ -122,8 +150,9 @@ def check_out(out, root=ROOT):
         raise ValueError(f"--out {out} exists and is not an empty folder; nothing written")
 
 
-def write_handout(out, names, root=ROOT, exercises=None):
-    """Copies the project to `out` with the exercises `names` removed; returns the files changed."""
+def write_handout(out, names, root=ROOT, exercises=None, codes=None):
+    """Copies the project to `out` with the exercises `names` removed (or, for one name, its regions
+    replaced by `codes`: a stored wrong answer); returns the files changed."""
     exercises = exercises or find_exercises(root)
     unknown = [n for n in names if n not in exercises]
     if unknown:
@@ -131,15 +160,16 @@ def write_handout(out, names, root=ROOT, exercises=None):
     check_out(out, root)
     by_file = {}
     for n in names:
-        for r in exercises[n]["regions"]:
-            by_file.setdefault(r[0], []).append(r)
+        for i, r in enumerate(exercises[n]["regions"]):
+            by_file.setdefault(r[0], []).append((r, codes[i] if codes else ""))
     files = [f for f in project_files(root, exclude=out) if f not in TOOL_FILES]  # listed before writing
     for rel in files:
         dst = os.path.join(out, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if rel in by_file:
             with open(dst, "w", encoding="utf-8") as f:
-                f.write(strip(open(os.path.join(root, rel), encoding="utf-8").read(), by_file[rel]))
+                regions, region_codes = zip(*by_file[rel])
+                f.write(strip(open(os.path.join(root, rel), encoding="utf-8").read(), regions, region_codes))
         else:
             shutil.copy2(os.path.join(root, rel), dst)
     return sorted(by_file)
@@ -149,12 +179,16 @@ def write_handout(out, names, root=ROOT, exercises=None):
 #                  Measuring which tests grade which exercise                   #
 #################################################################################
 
-def run_suite(folder, tests=(), timeout=3600):
-    """Runs pytest in `folder` -> {node id: failure message or None (passed)}."""
+def run_suite(folder, tests=(), timeout=3600, first_failure=False):
+    """Runs pytest in `folder` -> {node id: failure message or None (passed)}; first_failure: stop there."""
     xml = os.path.join(folder, "runs", "junit.xml")
     os.makedirs(os.path.dirname(xml), exist_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *tests]
-    subprocess.run(cmd, cwd=folder, capture_output=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
+           *(["-x"] if first_failure else []), *tests]
+    try:
+        subprocess.run(cmd, cwd=folder, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:  # a wrong answer that never ends is caught too
+        return {f"(the tests ran past {timeout} s)": "timeout"}
     results = {}
     for case in ET.parse(xml).getroot().iter("testcase"):
         file = case.get("classname").replace(".", "/") + ".py"
@@ -179,6 +213,34 @@ def measure_map(root=ROOT):
     return mapping
 
 
+def check_wrong_answers(names, root=ROOT, log=print):
+    """Each stored wrong answer of each exercise in `names`, in a copy of the project, against the
+    exercise's tests -> the answers no test caught, plus "reference" if the unchanged copy fails them."""
+    ex, mapping = find_exercises(root), load_map(root)
+    wrong, missed = load_wrong(root, ex), []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in names:
+            tests = mapping.get(n, [])
+            if not tests or not wrong.get(n):
+                missed.append(f"{n}: {'no tests' if not tests else 'no wrong answers stored'}")
+                log(f"{n}: {missed[-1]}")
+                continue
+            ref = os.path.join(tmp, n, "reference")
+            write_handout(ref, [], root, ex)  # a plain copy: the reference must pass
+            bad = sorted(t for t, msg in run_suite(ref, tests, first_failure=True).items() if msg is not None)
+            log(f"{n}: reference {'FAILS ' + bad[0] if bad else 'passes'} its {len(tests)} tests")
+            if bad:
+                missed.append(f"{n}: reference")
+            for i, answer in enumerate(wrong[n]):
+                out = os.path.join(tmp, n, str(i))
+                write_handout(out, [n], root, ex, codes=answer["code"])
+                caught = sorted(t for t, msg in run_suite(out, tests, 900, True).items() if msg is not None)
+                log(f"  {'caught by ' + caught[0] if caught else 'NOT CAUGHT'}: {answer['why']}")
+                if not caught:
+                    missed.append(f"{n}: {answer['why']}")
+    return missed
+
+
 #################################################################################
 #                                     CLI                                       #
 #################################################################################
@@ -190,6 +252,8 @@ def main(argv=None):
     ap.add_argument("--only", nargs="+", metavar="NAME", help="remove only these exercises (default: all)")
     ap.add_argument("--list", action="store_true", help="show the exercises, their task and their tests")
     ap.add_argument("--map", action="store_true", help=f"re-measure {MAP_FILE} (runs the suite once per exercise)")
+    ap.add_argument("--check", action="store_true", help=f"every wrong answer in {WRONG_FILE} must fail its "
+                                                         "exercise's tests (with --only: those exercises)")
     args = ap.parse_args(argv)
     ex = find_exercises()
     if args.map:
@@ -204,6 +268,13 @@ def main(argv=None):
     unknown = [n for n in names if n not in ex]
     if unknown:
         raise ValueError(f"unknown exercise {', '.join(unknown)}; choose from {', '.join(ex)}")
+    if args.check:
+        missed = check_wrong_answers(names)
+        if missed:
+            print(f"{len(missed)} not as they should be:\n  " + "\n  ".join(missed), file=sys.stderr)
+            sys.exit(1)
+        print(f"every stored wrong answer of {len(names)} exercises fails its tests; the reference passes")
+        return
     if args.list:
         for n in names:
             where = ", ".join(f"{r[0]}:{r[1]}" for r in ex[n]["regions"])

@@ -108,6 +108,23 @@ def layer_mse(lin, recipe_kw, samples, ref):
     return (q(samples) - ref).pow(2).mean().item()
 
 
+@torch.no_grad()
+def search_alpha(lin, absmax, x, wq, aq):
+    """DiTAS's per-layer search of the smoothing factor on calibration inputs x -> (layer MSE, α, s):
+    α on a 21-point grid in [0, 1], or None when not smoothing at all (s = 1) is best."""
+    ref = lin(x)
+    wq_lin = quant.fake_quant(lin.weight.detach(), wq) if wq else lin.weight.detach()
+    # exercise ditas_alpha: grid-search α in [0, 1] (21 points) and "no smoothing" for the lowest layer MSE
+    best = None
+    for a in [None] + torch.linspace(0, 1, 21).tolist():  # None: s = 1, so DiTAS can fall back to RTN
+        s = torch.ones_like(wq_lin[0]) if a is None else smooth_scale(absmax, wq_lin, a)
+        err = layer_mse(lin, dict(wq=wq, aq=aq, scale=s), x, ref)
+        if best is None or err < best[0]:
+            best = (err, a, s)
+    # end exercise ditas_alpha
+    return best
+
+
 def lora_correct(q, rank, iters):
     """Training-free weight LoRA: alternate Q = quant(W̃ − L), L = rank-r SVD of (W̃ − Q).
     Scales stay those of W̃, so both half-steps are exact minimisers and the error
@@ -115,14 +132,14 @@ def lora_correct(q, rank, iters):
     W = q.weight.detach().clone()
     L = torch.zeros_like(W)
     errs = []
-    # exercise ditas_lora: alternate Q = quant(W̃ − L) and L = best rank-r approximation of W̃ − Q
+    # exercise lowrank: DiTAS: alternate Q = quant(W̃ − L) and L = best rank-r approximation of W̃ − Q
     for _ in range(iters):
         q.weight.data = W - L
         Q = q.qweight()  # nearest levels of W̃ − L on the fixed grid
         U, S, Vh = torch.linalg.svd(W - Q, full_matrices=False)
         L = (U[:, :rank] * S[:rank]) @ Vh[:rank]
         errs.append((W - Q - L).norm().item())
-    # end exercise ditas_lora
+    # end exercise lowrank
     q.set_lora(U[:, :rank] * S[:rank], Vh[:rank])  # weight stays W̃ − L_prev, whose levels are Q
     return errs
 
@@ -154,12 +171,12 @@ def lowrank_branch(q, rank):
     its outliers, the branch takes."""
     W = q.weight.detach().clone()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    # exercise svdquant_branch: split W̃ into its best rank-r part (kept in float) and the residual (quantized)
+    # exercise lowrank: SVDQuant: W̃'s best rank-r part L runs in float, only the residual W̃ − L is quantized
     L = (U[:, :rank] * S[:rank]) @ Vh[:rank]
     q.weight.data = W - L
     q.refresh_weight_quant()  # the residual's own per-channel scales
     q.set_lora(U[:, :rank] * S[:rank], Vh[:rank])
-    # end exercise svdquant_branch
+    # end exercise lowrank
     return (S[:rank].pow(2).sum() / S.pow(2).sum()).item(), ((W - L).abs().max() / W.abs().max()).item()
 
 
@@ -264,17 +281,7 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
     if base == "ditas":
         scales, alphas = {}, {}
         for n, lin in tqdm(lins.items(), desc="DiTAS α search", leave=False, disable=None):
-            x = stats[n]["samples"].to(lin.weight.device)
-            ref = lin(x)
-            wq_lin = quant.fake_quant(lin.weight.detach(), wq) if wq else lin.weight.detach()
-            # exercise ditas_alpha: grid-search α in [0, 1] (21 points) and "no smoothing" for the lowest layer MSE
-            best = None
-            for a in [None] + torch.linspace(0, 1, 21).tolist():  # None: s = 1, so DiTAS can fall back to RTN
-                s = torch.ones_like(wq_lin[0]) if a is None else smooth_scale(stats[n]["absmax"], wq_lin, a)
-                err = layer_mse(lin, dict(wq=wq, aq=aq, scale=s), x, ref)
-                if best is None or err < best[0]:
-                    best = (err, a, s)
-            # end exercise ditas_alpha
+            best = search_alpha(lin, stats[n]["absmax"], stats[n]["samples"].to(lin.weight.device), wq, aq)
             alphas[n], scales[n] = best[1], best[2]
         fold_ditas(model, scales)
         recipe.update(scales=scales, alphas=alphas, prescaled=[n for n in lins if not n.endswith("fc2")],

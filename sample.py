@@ -282,6 +282,7 @@ def load_model(args):
         return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {dt:.1f} s)"
     integer.to_integer(model)
     calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": common.file_sha256(args.ckpt)})
+    model = calibrate.load_quantized(path)[0]  # important! sample from what was saved (fp16 adaLN), as every later run
     return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
 
 

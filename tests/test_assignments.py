@@ -8,7 +8,7 @@ from conftest import ROOT, run_script
 
 EX = assignments.find_exercises()
 MAP = assignments.load_map()
-CHEAP = "ditas_lora"  # an exercise whose tests are few: the --only run of the default suite
+CHEAP = "int4_pack"  # an exercise whose tests are few and fast: the runs of the default suite
 
 
 def test_eight_to_twelve_exercises_each_graded_by_an_existing_test():
@@ -95,3 +95,43 @@ def test_only_one_exercise_fails_only_its_tests(tmp_path):
 @pytest.mark.parametrize("name", sorted(EX))
 def test_each_exercise_alone_fails_only_its_tests(tmp_path, name):
     check(failures(tmp_path / "handout", name), [name])
+
+
+def test_every_exercise_stores_two_or_more_wrong_answers_that_differ_from_the_reference():
+    wrong = assignments.load_wrong(exercises=EX)  # raises if an answer's regions do not match the exercise's
+    assert set(wrong) == set(EX)
+    for name, answers in wrong.items():
+        assert len(answers) >= 2, name
+        for a in answers:
+            assert a["why"] and any(c is not None for c in a["code"]), (name, a)
+
+
+def test_check_catches_each_wrong_answer_of_an_exercise():
+    r = run_script("assignments.py", "--check", "--only", CHEAP)
+    assert r.returncode == 0, r.stdout + r.stderr
+    n = len(assignments.load_wrong()[CHEAP])
+    assert r.stdout.count("caught by ") == n and "reference passes" in r.stdout and "NOT CAUGHT" not in r.stdout
+
+
+def test_check_reports_a_wrong_answer_the_tests_miss(tmp_path):
+    # a "wrong answer" that is the reference itself must be reported as not caught: exit 1
+    import json
+    import shutil
+    root = tmp_path / "proj"
+    shutil.copytree(ROOT, root, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__"))
+    region = EX["q_sample"]["regions"][0]
+    lines = open(os.path.join(ROOT, region[0])).read().split("\n")
+    ref = "\n".join(line[len(region[3]):] for line in lines[region[1]:region[2] + 1])
+    path = root / assignments.WRONG_FILE
+    wrong = json.loads(path.read_text())
+    wrong["q_sample"] = [{"why": "the reference in disguise", "code": [ref]}]
+    path.write_text(json.dumps(wrong))
+    missed = assignments.check_wrong_answers(["q_sample"], root=str(root), log=lambda *a: None)
+    assert missed == ["q_sample: the reference in disguise"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(EX))
+def test_each_exercise_rejects_its_wrong_answers(name):
+    r = run_script("assignments.py", "--check", "--only", name)
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -1,5 +1,6 @@
 """sample.py: the CLI end to end on 2 images x 2 steps, determinism, npz format, bad input."""
 import os
+import shutil
 import subprocess
 import sys
 
@@ -154,3 +155,17 @@ def test_cuda_without_cuda_exit_2(tiny_ckpt):
         pytest.skip("this machine has CUDA")
     r = run_cli("--ckpt", tiny_ckpt, "--device", "cuda", "--n", "1")
     assert r.returncode == 2 and "CUDA is not available" in r.stderr
+
+
+@pytest.mark.parametrize("bits", ["--w8a8", "--w4a8"])
+def test_first_run_samples_exactly_what_later_runs_load(tmp_path, tiny_ckpt, bits):
+    ckpt = str(tmp_path / "fp.pt")
+    shutil.copy(tiny_ckpt, ckpt)  # its own folder: the quantized cache is written beside it
+    runs = []
+    for i in range(2):
+        npz = str(tmp_path / f"{i}.npz")
+        sample.main(["--ckpt", ckpt, bits, "--n", "4", "--steps", "3", "--out", str(tmp_path / f"{i}.png"),
+                     "--npz", npz, "--compile", "off"])
+        runs.append(np.load(npz)["arr_0"])
+    assert len([f for f in os.listdir(tmp_path) if f.endswith("_ditas.pt")]) == 1  # calibrated once, then loaded
+    assert np.array_equal(runs[0], runs[1])
