@@ -23,8 +23,9 @@ from diffusion import Diffusion, class_labels, guided, make_noise
 DEFAULT_CKPT = dit.DEFAULT_CKPT
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
 QAT = "hqdm"  # a trained checkpoint (qat.py --out), never made on the fly
-BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "hadanorm", "w4a3": "hadanorm"}  # best PTQ by PSNR vs FP
-BEST_QAT = ("w4a4", "w4a3")  # where the trained QAT checkpoint measured better than every PTQ recipe (README)
+# the best PTQ recipe per setting, and where a trained QAT checkpoint beats it (docs/results.md: n = 1000 FD)
+BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "svdquant-hadanorm", "w4a3": "hadanorm"}
+BEST_QAT = ("w4a3",)
 
 
 #################################################################################
