@@ -23,7 +23,6 @@ wrong answers per exercise (code a student could write: no sign extension, σ = 
 `--check` puts each into a copy of the project in place of the reference code and runs that exercise's
 tests, which must fail, and runs them once on the unchanged copy, where they must pass.
 """
-import argparse
 import json
 import os
 import re
@@ -246,7 +245,7 @@ def check_wrong_answers(names, root=ROOT, log=print):
 #################################################################################
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Write a course hand-out: the project with chosen exercise regions "
+    ap = common.Parser(description="Write a course hand-out: the project with chosen exercise regions "
                                              "replaced by NotImplementedError, and the tests that grade each.")
     ap.add_argument("--out", help="new (or empty) folder for the hand-out")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="remove only these exercises (default: all)")

@@ -13,7 +13,6 @@ every model interleaved over rounds, with user and system CPU time.
     python bench.py                  # the tables in docs/speed.md (~15 min on 2 cores)
     python bench.py --device cuda    # the same on a GPU
 """
-import argparse
 import os
 import platform
 import resource
@@ -212,7 +211,7 @@ def tiny_sampling(device, n, steps, rounds, quick, compile=True):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused kernels) "
+    ap = common.Parser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused kernels) "
                                              "against fp32 / bf16 peers, per layer and end to end, side by side.")
     ap.add_argument("--quick", action="store_true", help="one small shape, no compile rows, tiny sampling (< 1 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

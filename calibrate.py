@@ -16,7 +16,6 @@ Recipes (DESIGN §5), all built on the one `QuantLinear`:
 
     python calibrate.py --method hadanorm --wbits 4 --abits 4 --out checkpoints/dit_t4_hadanorm_w4a4.pt
 """
-import argparse
 import dataclasses
 import time
 
@@ -369,7 +368,7 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
                 d.rectangle([bx, y0 + H - bot * v / hist.max().item(), bx + W / 60 - 1, y0 + H], fill=(40, 90, 160))
     d.text((pad, img.height - 16), "grey: per-channel min..max (channel index ->), blue: histogram of all values "
            "(log count); scale = each panel's own max|x|", fill="black", font=font)
-    img.save(path)
+    common.save_image(img, path)
 
 
 def save_quantized(path, model, cfg, recipe, calib):
@@ -386,8 +385,9 @@ def save_quantized(path, model, cfg, recipe, calib):
 def load_quantized(path):
     """Rebuilds a quantized model saved by `save_quantized` (no calibration needed)."""
     ck = common.load_file(path, "quantized checkpoint")
-    if not isinstance(ck, dict) or "recipe" not in ck:
-        raise ValueError(f"{path} is not a quantized dit4bit checkpoint (no recipe)")
+    if not isinstance(ck, dict) or "recipe" not in ck or "model" not in ck or "config" not in ck:
+        raise ValueError(f"{path} is not a quantized dit4bit checkpoint (needs config, recipe and model)")
+    common.check_finite(ck["model"], path)
     cfg = dict(ck["config"])
     recipe = dict(ck["recipe"])
     for k in ("wq", "aq"):
@@ -425,26 +425,31 @@ def quantize_fp(model, method, wbits, abits, calib_n=16, calib_steps=25, seed=12
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Calibrate (data-free) and quantize the DiT with one PTQ recipe.")
+    ap = common.Parser(description="Calibrate (data-free) and quantize the DiT with one PTQ recipe.")
     ap.add_argument("--ckpt", default=dit.DEFAULT_CKPT)
     ap.add_argument("--method", default="hadanorm", help=f"one of {', '.join(METHODS)}")
     ap.add_argument("--wbits", type=int, default=4)
     ap.add_argument("--abits", type=int, default=4)
-    ap.add_argument("--alpha", type=float, default=0.5, help="smoothing exponent (smoothquant, hadanorm)")
-    ap.add_argument("--lora-rank", type=int, default=8, help="DiTAS weight LoRA rank (0 = off)")
-    ap.add_argument("--lora-iters", type=int, default=10)
-    ap.add_argument("--static-act", type=int, default=0, metavar="BUCKETS",
+    ap.add_argument("--alpha", type=common.number(float, 0, 1), default=0.5, help="smoothing exponent (smoothquant, hadanorm)")
+    ap.add_argument("--lora-rank", type=common.number(int, 0), default=32,
+                    help="DiTAS LoRA / SVDQuant branch rank (0 = off)")
+    ap.add_argument("--lora-iters", type=common.POSITIVE, default=10)
+    ap.add_argument("--static-act", type=common.number(int, 0), default=0, metavar="BUCKETS",
                     help="static activation scales, one per timestep bucket (0 = dynamic per token)")
-    ap.add_argument("--calib-n", type=int, default=16, help="images sampled for calibration")
-    ap.add_argument("--calib-steps", type=int, default=25)
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--calib-n", type=common.POSITIVE, default=16, help="images sampled for calibration")
+    ap.add_argument("--calib-steps", type=common.number(int, 1, 1000), default=25)
+    ap.add_argument("--seed", type=common.number(int, 0), default=1234)
     ap.add_argument("--out", default=None, help="write the quantized checkpoint here")
     ap.add_argument("--plot", default=None, help="write the activation-range picture (PNG) here and stop")
+    ap.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
     for b in (args.wbits, args.abits):
         if b != 16 and not 2 <= b <= 8:
             raise ValueError(f"unsupported bit width {b}: choose 2..8 (or 16 = float)")
+    parse_method(args.method)  # an unknown recipe fails now, not after calibrating
+    common.check_output(args.out, (args.ckpt,), "--out", args.force)
+    common.check_output(args.plot, (args.ckpt,), "--plot", args.force)
     t0 = time.time()
     device = common.check_device(args.device)
     model, cfg = dit.load_checkpoint(args.ckpt)  # refuses an already-quantized checkpoint

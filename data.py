@@ -2,7 +2,6 @@
 
     python data.py           # shapes, label counts and pixel range of both splits
 """
-import argparse
 import gzip
 import os
 import struct
@@ -23,9 +22,14 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4",
 def read_idx(path):
     """Reads one (optionally gzipped) IDX file into a numpy array; checks the header."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"cannot read {path}: truncated or not gzip data") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES or len(raw) < 4 + 4 * raw[3]:
         raise ValueError(f"{path} is not an IDX file (bad magic number)")
     ndim = raw[3]
     dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
@@ -69,7 +73,7 @@ def to_uint8(x):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Read Fashion-MNIST and print what the model will see.")
+    ap = common.Parser(description="Read Fashion-MNIST and print what the model will see.")
     ap.add_argument("--data-dir", default=None, help=f"folder with the gz IDX files (default {DATA_DIR})")
     args = ap.parse_args()
     for split in ("train", "test"):

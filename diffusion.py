@@ -5,7 +5,6 @@ What DiT needs from ADM's 873-line file, and nothing else. Schedule arithmetic i
 
     python diffusion.py      # lesson: a real image noised at several t (PNG strip), ᾱ_t, SNR
 """
-import argparse
 import os
 
 import numpy as np
@@ -197,7 +196,7 @@ def lesson_image(data_dir=None):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Lesson: a real image noised by q_sample at several t, the schedule's "
+    ap = common.Parser(description="Lesson: a real image noised by q_sample at several t, the schedule's "
                                              "ᾱ_t and signal-to-noise ratio, and a respaced set of timesteps.")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps to respace to")
     ap.add_argument("--out", default="runs/lessons/noising.png", help="the PNG strip of x_t")
@@ -217,7 +216,7 @@ def main():
     strip = torch.cat(list(xt.clamp(-1, 1)), dim=-1)  # (C, H, W·len(ts)): left t=0 ... right t=999
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     img = Image.fromarray(data.to_uint8(strip[None])[0, ..., 0].numpy())
-    img.resize((img.width * 4, img.height * 4), Image.NEAREST).save(args.out)
+    common.save_image(img.resize((img.width * 4, img.height * 4), Image.NEAREST), args.out)
     r = d.respace(args.steps)
     print(f"wrote {args.out} (t = {ts}); respaced to {r.num_timesteps} steps: "
           f"t = {r.timestep_map[:5].tolist()} ... {r.timestep_map[-3:].tolist()}")

@@ -329,7 +329,7 @@ def load_official(path, config="DiT-XL/2", image_size=256):
     Accepts the released bare state dicts (DiT-XL-2-256x256.pt) and train.py's dicts ({"model", "ema",
     ...}: the EMA weights are taken, as the official sample.py does). Every key and shape is checked.
     """
-    sd = common.load_file(path, "official checkpoint")
+    sd = common.load_file(path, "official checkpoint", allow=(argparse.Namespace,))  # train.py's "args"
     if isinstance(sd, dict) and isinstance(sd.get("ema"), dict):
         sd = sd["ema"]
     elif isinstance(sd, dict) and isinstance(sd.get("model"), dict):
@@ -359,6 +359,7 @@ def load_checkpoint(path):
                          f"pass the full-precision checkpoint")
     cfg = dict(ckpt["config"])
     model = build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
+    common.check_finite(ckpt["model"], path)
     load_state_dict_checked(model, ckpt["model"], source=path)
     return model.float().eval(), cfg
 
@@ -368,7 +369,7 @@ def count_params(model):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Print every DiT config's parameter count and the tiny model's summary.")
+    ap = common.Parser(description="Print every DiT config's parameter count and the tiny model's summary.")
     ap.add_argument("--model", default=None, help="only this config")
     args = ap.parse_args()
     names = [args.model] if args.model else list(DiT_models)

@@ -14,7 +14,6 @@
     python evaluate.py npz samples.npz          # samples written by `sample.py --npz`
     python evaluate.py train-classifier         # trains the CNN, writes checkpoints/fm_classifier.pt
 """
-import argparse
 import os
 import time
 
@@ -265,15 +264,15 @@ def parse_list(text, kind, allowed=None, cast=str):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Score generated Fashion-MNIST samples with our classifier's features.")
+    ap = common.Parser(description="Score generated Fashion-MNIST samples with our classifier's features.")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = common.Parser(add_help=False)
     shared.add_argument("--ckpt", default=DEFAULT_CKPT, help="FP DiT checkpoint")
-    shared.add_argument("--n", "--samples", dest="n", type=int, default=None,
+    shared.add_argument("--n", "--samples", dest="n", type=common.number(int, 4), default=None,
                         help="samples per row (table: 100, the fast screen; else 1000); under torchrun write "
                              "--samples: torchrun's own parser swallows --n")
-    shared.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    shared.add_argument("--seed", type=int, default=0, help="noise seed (the rows share it)")
+    shared.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="DDIM steps")
+    shared.add_argument("--seed", type=common.number(int, 0), default=0, help="noise seed (the rows share it)")
     shared.add_argument("--classifier", default=CLASSIFIER)
     shared.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier runs on the CPU)")
     t = sub.add_parser("table", parents=[shared], help="FP and quantized rows at each CFG scale, same noise")
@@ -289,18 +288,24 @@ def main(argv=None):
                    "(as sample.py; auto: where a C++ compiler is present)")
     t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
     f = sub.add_parser("fp", parents=[shared], help="the FP model alone")
-    f.add_argument("--cfg", type=float, default=1.5, help="CFG scale")
+    f.add_argument("--cfg", type=common.number(float, 0, 100), default=1.5, help="CFG scale")
     sub.add_parser("floor", parents=[shared], help="n real training images vs the test set (the FD floor)")
     z = sub.add_parser("npz", parents=[shared], help="score samples written by sample.py --npz")
     z.add_argument("path")
     c = sub.add_parser("train-classifier", parents=[shared], help="train the classifier and save it with test stats")
-    c.add_argument("--epochs", type=int, default=6)
+    c.add_argument("--epochs", type=common.POSITIVE, default=6)
     c.add_argument("--data-dir", default=None)
-    c.add_argument("--out", default=CLASSIFIER)
+    c.add_argument("--out", required=True, help=f"the classifier file to write (the shipped one, {CLASSIFIER}, "
+                   "only with --force)")
+    c.add_argument("--force", action="store_true", help="let --out replace the shipped classifier")
     for p in (sub.choices["floor"], sub.choices["npz"]):
         p.add_argument("--data-dir", default=None)
     args = ap.parse_args(argv)
     device = common.check_device(args.device)
+    if args.cmd == "train-classifier":
+        common.check_output(args.out, (), "--out", args.force)
+    elif args.cmd == "table":
+        common.check_output(args.out, (args.ckpt, args.classifier, *args.qckpt), "--out")
     if args.n is None:
         args.n = 100 if args.cmd == "table" else 1000
     if args.n < 4:
@@ -337,9 +342,16 @@ def main(argv=None):
                                                                     sample_s=0)))
         return
     if args.cmd == "npz":
-        z = np.load(args.path)
-        if "arr_0" not in z or "labels" not in z:
-            raise ValueError(f"{args.path} needs arr_0 (uint8 NHWC) and labels")
+        try:
+            z = np.load(args.path, allow_pickle=False)
+            arr, labels = z["arr_0"], z["labels"]
+        except (OSError, ValueError, KeyError, EOFError, TypeError):
+            raise ValueError(f"{args.path} is not an npz of sample.py --npz (arr_0 uint8 NHWC and labels)") from None
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or labels.shape != arr.shape[:1] \
+                or len(arr) < 4:
+            raise ValueError(f"{args.path}: arr_0 {arr.dtype} {arr.shape} with labels {labels.shape}; wanted "
+                             "uint8 (N >= 4, H, W, 1 or 3) and N labels")
+        z = {"arr_0": arr, "labels": labels}
         x = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         print(row(args.path, "-", 0, dict(score(x, torch.from_numpy(z["labels"]).long(), clf, ref, seed=args.seed),
                                           sample_s=0)))

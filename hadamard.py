@@ -12,7 +12,6 @@ transpose, not H itself.
 
     python hadamard.py       # outliers before/after on a heavy-tailed tensor, and the 4-bit error
 """
-import argparse
 import functools
 import math
 import time
@@ -180,7 +179,7 @@ def fake_quant_tokens(x, bits=4):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Show what a Hadamard transform does to activation outliers.")
+    ap = common.Parser(description="Show what a Hadamard transform does to activation outliers.")
     ap.add_argument("--width", type=int, default=192, help="channels (default 192 = 12·16, the tiny DiT)")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)

@@ -12,7 +12,6 @@ fc1 -> GELU -> fc2 with the float activation between them never written to memor
 
     python integer.py        # one layer of the shipped model, simulated vs integer: codes, outputs, bytes, time
 """
-import argparse
 import os
 import statistics
 import time
@@ -301,7 +300,7 @@ def to_integer(obj, gemm="auto"):
 #################################################################################
 
 def main():
-    ap = argparse.ArgumentParser(description="Lesson: one W4A4 HadaNorm layer of the shipped model, simulated "
+    ap = common.Parser(description="Lesson: one W4A4 HadaNorm layer of the shipped model, simulated "
                                              "(fake-quant, float) and integer (packed int4, int8 GEMM).")
     ap.add_argument("--layer", default="blocks.3.mlp.fc1", help="which quantized layer")
     ap.add_argument("--n", type=int, default=8, help="images sampled to collect its real inputs")

@@ -14,7 +14,6 @@ GELU and fc2's quantizer the same way (integer.IntMlp).
 
     python kernels.py        # kernel vs torch reference: codes and time at the tiny model's and DiT-XL/2's widths
 """
-import argparse
 import ctypes
 import hashlib
 import os
@@ -259,7 +258,7 @@ def tune_allocator():
 #################################################################################
 
 def main():
-    ap = argparse.ArgumentParser(description="Lesson: the fused activation kernel against its torch reference "
+    ap = common.Parser(description="Lesson: the fused activation kernel against its torch reference "
                                              "(codes and time) at the tiny model's and DiT-XL/2's widths.")
     ap.add_argument("--tokens", type=int, default=10240, help="rows (the tiny model's real batch: 160 x 64)")
     ap.add_argument("--bits", type=int, default=4)

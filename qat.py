@@ -14,8 +14,8 @@ along the FP model's own DDIM trajectories with CFG: no data set is needed.
     python qat.py --wbits 4 --abits 4 --out checkpoints/dit_t4_w4a4_hqdm.pt   # 300 steps, ~9 min on a core
     python qat.py ... --hadamard none | double        # the ablation: plain LSQ QAT / QuaRot-style
 """
-import argparse
 import copy
+import math
 import os
 import sys
 import time
@@ -154,9 +154,9 @@ def score(model, data, chunk=100, loss="guided"):
 #################################################################################
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="HQ-DM quantization-aware training of the DiT (data-free distillation).")
+    ap = common.Parser(description="HQ-DM quantization-aware training of the DiT (data-free distillation).")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    shared = argparse.ArgumentParser(add_help=False)
+    shared = common.Parser(add_help=False)
     shared.add_argument("--ckpt", default=dit.DEFAULT_CKPT, help="FP checkpoint (teacher and initialisation)")
     shared.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation targets")
     shared.add_argument("--steps", type=int, default=25, help="DDIM steps of each trajectory")
@@ -164,7 +164,7 @@ def get_args(argv=None):
                         "trajectories alternate between them (e.g. 1.5,4.0: the metrics' and the pictures' scale)")
     shared.add_argument("--loss", default="guided", choices=LOSSES, help="distil the guided ε the sampler uses, at "
                         "each trajectory's CFG scale, or each half (conditional, null) alone")
-    shared.add_argument("--seed", type=int, default=0, help="seed of the trajectories (and of training)")
+    shared.add_argument("--seed", type=common.number(int, 0), default=0, help="seed of the trajectories (and of training)")
     shared.add_argument("--device", default="cpu", help="cpu or cuda")
     t = sub.add_parser("train", parents=[shared], help="train (or resume) and export a packed integer checkpoint")
     t.add_argument("--wbits", type=int, default=4)
@@ -176,18 +176,19 @@ def get_args(argv=None):
                    f"{', '.join(INITS)}, optionally +a8")
     t.add_argument("--act", default="token", choices=ACTS, help="activations: per token with a learned clip ratio "
                    "per bucket, or one learned static step per bucket")
-    t.add_argument("--buckets", type=int, default=10, help="timestep buckets of activation steps / clip ratios")
-    t.add_argument("--iters", type=int, default=300, help="optimizer steps")
-    t.add_argument("--batch-size", type=int, default=32, help="trajectory states per step (each runs both CFG halves)")
-    t.add_argument("--lr", type=float, default=3e-4, help="weights (3e-4 beat 1e-4 and 1e-5 over 120 steps)")
-    t.add_argument("--lr-scale", type=float, default=1e-3, help="step sizes")
+    t.add_argument("--buckets", type=common.POSITIVE, default=10, help="timestep buckets of activation steps / clip ratios")
+    t.add_argument("--iters", type=common.POSITIVE, default=300, help="optimizer steps")
+    t.add_argument("--batch-size", type=common.POSITIVE, default=32, help="trajectory states per step (each runs both CFG halves)")
+    t.add_argument("--lr", type=common.number(float, above=0), default=3e-4, help="weights (3e-4 beat 1e-4 and 1e-5 over 120 steps)")
+    t.add_argument("--lr-scale", type=common.number(float, above=0), default=1e-3, help="step sizes")
     t.add_argument("--state-dir", default="runs/qat", help="folder of the resumable state")
     t.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
-    t.add_argument("--snapshot-every", type=int, default=0, help="also export OUT_iterN.pt every N steps, to pick "
+    t.add_argument("--snapshot-every", type=common.number(int, 0), default=0, help="also export OUT_iterN.pt every N steps, to pick "
                    "the best by a sample metric afterwards (evaluate.py table --qckpt ...)")
-    t.add_argument("--ckpt-every", type=int, default=200, help="steps between resumable states")
+    t.add_argument("--ckpt-every", type=common.POSITIVE, default=200, help="steps between resumable states")
     t.add_argument("--resume", action="store_true")
-    t.add_argument("--minutes", type=float, default=None, help="time budget: stop (and save) after this long")
+    t.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
+    t.add_argument("--minutes", type=common.number(float, above=0), default=None, help="time budget: stop (and save) after this long")
     sc = sub.add_parser("score", parents=[shared], help="the distillation loss of saved quantized checkpoints on the "
                         "trajectories of --traj/--steps/--traj-cfg/--seed (another seed than training's: held out)")
     sc.add_argument("qckpt", nargs="+")
@@ -198,6 +199,12 @@ def get_args(argv=None):
         args.traj_cfg = tuple(float(v) for v in args.traj_cfg.split(","))
     except ValueError:
         raise ValueError(f"--traj-cfg wants comma-separated numbers, got {args.traj_cfg!r}") from None
+    if not all(math.isfinite(c) and 0 <= c <= 100 for c in args.traj_cfg):
+        raise ValueError(f"--traj-cfg: CFG scales must be finite, in [0, 100]; got {args.traj_cfg}")
+    if args.cmd == "train":
+        common.check_output(args.out, (args.ckpt,), "--out", args.force)
+        if os.path.exists(args.state_dir) and not os.path.isdir(args.state_dir):
+            raise ValueError(f"--state-dir {args.state_dir} is a file, not a folder")
     return args
 
 

@@ -14,7 +14,6 @@ channels of W) or per group of g along K; range by min-max or by an MSE search o
 
     python quant.py          # quantization error of one random layer under each setting
 """
-import argparse
 import dataclasses
 from dataclasses import dataclass
 
@@ -391,7 +390,7 @@ def lesson_activations(n=8, steps=10, block=3):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Lesson: activation quantization error (SQNR, dB) of the shipped model's "
+    ap = common.Parser(description="Lesson: activation quantization error (SQNR, dB) of the shipped model's "
                                              "real activations at 8/4/3 bits, per tensor vs per token vs per group.")
     ap.add_argument("--n", type=int, default=8, help="images sampled to collect activations")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")

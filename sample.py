@@ -4,8 +4,9 @@
     python sample.py --classes 0,7 --n 8 --steps 25 --sampler ddpm --seed 1 --out shoes.png
     python sample.py --npz samples.npz        # also the raw uint8 samples, ADM-suite format
 """
-import argparse
 import os
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -130,7 +131,7 @@ def save_grid(images, labels, path, names=data.CLASSES, scale=2):
             tile = Image.fromarray(imgs[i][..., 0] if imgs.shape[-1] == 1 else imgs[i])
             tile = tile.resize((w, h), Image.NEAREST).convert(mode)
             canvas.paste(tile, (label_w + pad + c * (w + pad), y0))
-    canvas.save(path, optimize=False)
+    common.save_image(canvas, path)
     return canvas.size
 
 
@@ -142,7 +143,8 @@ def psnr(a, b):
 
 def save_npz(images, labels, path):
     """ADM / DiT `sample_ddp.py` format: arr_0 uint8 (N, H, W, C), plus our labels."""
-    np.savez(path, arr_0=data.to_uint8(images).numpy(), labels=labels.numpy())
+    with common.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
+        np.savez(f, arr_0=data.to_uint8(images).numpy(), labels=labels.numpy())
 
 
 #################################################################################
@@ -161,16 +163,16 @@ def parse_classes(text, num_classes):
 
 
 def get_args(argv=None):
-    ap = argparse.ArgumentParser(description="Sample a labelled grid of Fashion-MNIST garments from the shipped DiT.")
+    ap = common.Parser(description="Sample a labelled grid of Fashion-MNIST garments from the shipped DiT.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"model checkpoint (default {DEFAULT_CKPT})")
     ap.add_argument("--model", default=None, help="expected config name; an error if the checkpoint is another")
-    ap.add_argument("--n", type=int, default=80, help="number of images, spread evenly over --classes")
+    ap.add_argument("--n", type=common.POSITIVE, default=80, help="number of images, spread evenly over --classes")
     ap.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
-    ap.add_argument("--steps", type=int, default=50, help="sampling steps (respaced from 1000)")
+    ap.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="sampling steps (respaced from 1000)")
     ap.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    ap.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 = deterministic)")
-    ap.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eta", type=common.number(float, 0, 1), default=0.0, help="DDIM η (0 = deterministic)")
+    ap.add_argument("--cfg-scale", type=common.number(float, 0, 100), default=4.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--seed", type=common.number(int, 0), default=0)
     ap.add_argument("--out", default="samples.png", help="PNG grid to write")
     ap.add_argument("--npz", default=None, help="also write raw samples here (arr_0 uint8 NHWC, labels)")
     q = ap.add_mutually_exclusive_group()
@@ -185,7 +187,7 @@ def get_args(argv=None):
                     "beside --ckpt (created by calibrating on the first run)")
     ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead of the integer path")
     ap.add_argument("--compare-fp", action="store_true", help="also sample the FP model from the same noise; report PSNR")
-    ap.add_argument("--image-size", type=int, default=None,
+    ap.add_argument("--image-size", type=common.number(int, 8, 4096), default=None,
                     help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; needs --vae")
     ap.add_argument("--vae", default=None, help="SD-VAE decoder file (diffusers diffusion_pytorch_model.bin)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -226,8 +228,12 @@ def quantized_path(ckpt, setting, method):
 
 def made_from(path, ckpt):
     """Whether the quantized checkpoint `path` records the SHA-256 of the FP file `ckpt` (not stale)."""
-    calib = torch.load(path, map_location="cpu", weights_only=True).get("calibration", {})
-    return calib.get("fp_sha256") == common.file_sha256(ckpt)
+    try:
+        ck = common.load_file(path, "quantized checkpoint")
+    except ValueError:  # unreadable: not made from anything (a cache is rebuilt, a QAT file refused)
+        return False
+    calib = ck.get("calibration", {}) if isinstance(ck, dict) else {}
+    return isinstance(calib, dict) and calib.get("fp_sha256") == common.file_sha256(ckpt)
 
 
 def default_method(args):
@@ -260,10 +266,13 @@ def load_model(args):
     if not args.qckpt and os.path.exists(path) and os.path.exists(args.ckpt):  # cache made from this FP file?
         stale = not made_from(path, args.ckpt)
     if method == QAT and not args.qckpt and (args.simulate or stale or not os.path.exists(path)):
-        why = "--simulate needs float weights" if args.simulate else ("was trained from another FP file" if stale
-                                                                     else "does not exist")
-        raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py --ckpt {args.ckpt} "
+        why = "--simulate needs float weights" if args.simulate else (
+            "is unreadable or was trained from another FP file" if stale else "does not exist")
+        raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py train --ckpt {args.ckpt} "
                          f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --out {path}")
+    if not args.simulate and os.path.exists(path) and stale and not args.qckpt:
+        print(f"warning: {path} is unreadable or was made from another FP file; calibrating it anew",
+              file=sys.stderr)
     if not args.simulate and os.path.exists(path) and not stale:
         model, cfg, recipe = calibrate.load_quantized(path)
         same = (recipe["method"] == method or (method == QAT and recipe["method"].startswith(QAT + "-"))
@@ -282,17 +291,25 @@ def load_model(args):
     if args.simulate:
         return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {dt:.1f} s)"
     integer.to_integer(model)
-    calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt, "fp_sha256": common.file_sha256(args.ckpt)})
+    try:  # only a cache: a file that cannot be written does not stop sampling
+        common.check_output(path, (args.ckpt,), "the calibration cache")
+        calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt,
+                                                            "fp_sha256": common.file_sha256(args.ckpt)})
+    except (OSError, ValueError) as e:
+        print(f"warning: calibrated model not cached ({e}); sampling from it all the same", file=sys.stderr)
+        with tempfile.TemporaryDirectory() as tmp:  # the saved form all the same: what a cached run would load
+            calibrate.save_quantized(os.path.join(tmp, "q.pt"), model, cfg, recipe, {})
+            model = calibrate.load_quantized(os.path.join(tmp, "q.pt"))[0]
+        return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, not cached)"
     model = calibrate.load_quantized(path)[0]  # important! sample from what was saved (fp16 adaLN), as every later run
     return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
 
 
 def main(argv=None):
     args = get_args(argv)
-    if args.n < 1:
-        raise ValueError(f"--n must be at least 1, got {args.n}")
-    if args.steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {args.steps}")
+    inputs = (args.ckpt, args.qckpt, args.vae)
+    common.check_output(args.out, inputs, "--out")
+    common.check_output(args.npz, inputs + (args.out,), "--npz")
     common.check_device(args.device)
     integer.kernels.tune_allocator()
     t0 = time.time()
@@ -316,6 +333,8 @@ def main(argv=None):
         decoder.to(args.device)
         images = torch.cat([decoder.decode(z[None].to(args.device)).cpu() for z in images])
     t2 = time.time()
+    if not torch.isfinite(images).all():
+        raise ValueError(f"sampling produced NaN or Inf ({desc}); nothing written")
     cmp = ""
     if args.compare_fp:
         fp, _ = dit.load_checkpoint(args.ckpt)

@@ -7,7 +7,6 @@ the user passes the file.
 
     python vae.py --vae PATH/diffusion_pytorch_model.bin     # decodes a random latent, prints shapes
 """
-import argparse
 
 import torch
 import torch.nn as nn
@@ -141,7 +140,7 @@ def load_vae(path):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Decode a latent with the SD VAE decoder (plain torch).")
+    ap = common.Parser(description="Decode a latent with the SD VAE decoder (plain torch).")
     ap.add_argument("--vae", required=True, help="diffusers diffusion_pytorch_model.bin of sd-vae-ft-mse / -ema")
     ap.add_argument("--size", type=int, default=32, help="latent size (32 -> 256px)")
     args = ap.parse_args()

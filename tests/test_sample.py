@@ -49,14 +49,22 @@ def test_noise_does_not_depend_on_batching(tiny_ckpt):
 
 
 @pytest.mark.parametrize("args,msg", [
-    (["--n", "0"], "--n must be at least 1"),
-    (["--steps", "-3"], "--steps must be at least 1"),
+    (["--n", "0"], "argument --n: 0 is out of range"),
+    (["--steps", "-3"], "argument --steps: -3 is out of range"),
+    (["--eta", "nan"], "argument --eta: nan is not a finite number"),
+    (["--eta", "5"], "argument --eta: 5 is out of range"),
+    (["--cfg-scale", "inf"], "argument --cfg-scale: inf is not a finite number"),
+    (["--seed", "99999999999999999999"], "out of the 64-bit range"),
+    (["--out", "checkpoints"], "is a folder"),
+    (["--out", "no/such/folder/x.png"], "does not exist"),
+    (["--out", "CKPT"], "is also this run's input"),
+    (["--npz", "checkpoints/dit_t4.pt"], "would replace a shipped file"),
     (["--classes", "2,12"], "unknown class id"),
     (["--classes", "shoe"], "comma-separated"),
     (["--model", "DiT-XL/2"], "not DiT-XL/2"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_ckpt, args, msg):
-    r = run_cli("--ckpt", tiny_ckpt, *args)
+    r = run_cli("--ckpt", tiny_ckpt, *[tiny_ckpt if a == "CKPT" else a for a in args])
     assert r.returncode == 2 and msg in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 

@@ -31,8 +31,8 @@ def test_ema_warmup():
 
 
 def args_for(out, data_dir, steps, resume=False):
-    argv = ["--steps", str(steps), "--batch-size", "4", "--out", out, "--data-dir", data_dir,
-            "--ckpt-every", "2", "--seed", "3", "--export", os.path.join(out, "ema.pt")]
+    argv = ["--iters", str(steps), "--batch-size", "4", "--run-dir", out, "--data-dir", data_dir,
+            "--ckpt-every", "2", "--seed", "3", "--out", os.path.join(out, "ema.pt")]
     return train.get_args(argv + (["--resume"] if resume else []))
 
 
@@ -63,7 +63,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, fake_fmnist):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    common = ["--steps", "3", "--batch-size", "8", "--data-dir", fake_fmnist, "--ckpt-every", "100",
+    common = ["--iters", "3", "--batch-size", "8", "--data-dir", fake_fmnist, "--ckpt-every", "100",
               "--log-every", "1", "--seed", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {"one": [sys.executable, "train.py"],
@@ -71,7 +71,7 @@ def test_two_process_torchrun_matches_one_process(tmp_path, fake_fmnist):
     losses, states = {}, {}
     for name, cmd in runs.items():
         out = str(tmp_path / name)
-        r = subprocess.run(cmd + common + ["--out", out], cwd=root, capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(cmd + common + ["--run-dir", out], cwd=root, capture_output=True, text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         losses[name] = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
         states[name] = torch.load(os.path.join(out, "state.pt"), weights_only=True)["model"]
@@ -80,3 +80,39 @@ def test_two_process_torchrun_matches_one_process(tmp_path, fake_fmnist):
         assert abs(a - b) <= 1e-5 * abs(a)  # same global batch: equal up to float summation order
     for k in states["one"]:
         torch.testing.assert_close(states["two"][k], states["one"][k], atol=1e-5, rtol=1e-4)
+
+
+def test_resume_applies_a_new_lr_and_never_repeats_a_logged_step(tmp_path, fake_fmnist, capsys):
+    import json
+    run = str(tmp_path / "r")
+    train.train(args_for(run, fake_fmnist, 2))
+    with open(os.path.join(run, "log.jsonl"), "a") as f:  # logged after the last state, then killed
+        f.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    args = args_for(run, fake_fmnist, 4, resume=True)
+    args.lr, args.log_every = 0.1, 1
+    seen = []
+    import torch.optim
+    orig = torch.optim.AdamW.step
+    def spy(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return orig(self, *a, **k)
+    torch.optim.AdamW.step = spy
+    try:
+        train.train(args)
+    finally:
+        torch.optim.AdamW.step = orig
+    assert seen == [0.1, 0.1] and "--lr 0.1 (was 0.0003)" in capsys.readouterr().err
+    steps = [json.loads(line)["step"] for line in open(os.path.join(run, "log.jsonl"))]
+    assert steps == sorted(set(steps)) and steps[-2:] == [3, 4]
+
+
+def test_non_finite_loss_stops_with_the_last_state_kept(tmp_path, fake_fmnist):
+    import pytest
+    run = str(tmp_path / "n")
+    train.train(args_for(run, fake_fmnist, 2))
+    before = open(os.path.join(run, "state.pt"), "rb").read()
+    args = args_for(run, fake_fmnist, 4, resume=True)
+    args.lr = 1e30  # blows the weights up: the next loss is not finite
+    with pytest.raises(ValueError, match="loss is"):
+        train.train(args)
+    assert open(os.path.join(run, "state.pt"), "rb").read() == before
