@@ -1,6 +1,6 @@
 """Data-free post-training quantization: statistics from the FP model's own sampling, then a recipe.
 
-Recipes (DESIGN §5), all built on the one `QuantLinear`:
+Recipes (docs/design.md), all built on the one `QuantLinear`:
     rtn          quantize W and x directly
     smoothquant  x / s, W diag(s), s_j = max|x_j|^α / max|W_:,j|^(1-α)
     hadamard     x Hᵀ online, W Hᵀ offline (QuaRot-style, per linear: adaLN blocks a residual rotation)
@@ -14,7 +14,7 @@ Recipes (DESIGN §5), all built on the one `QuantLinear`:
     METHOD+a8    any of them with the layers whose 8-bit activations lower the guided ε error most per
                  MAC kept at A8, within a budget (10% of the linear MACs by default)
 
-    python calibrate.py --method hadanorm --wbits 4 --abits 4 --out checkpoints/dit_t4_hadanorm_w4a4.pt
+    python calibrate.py --method hadanorm --wbits 4 --abits 4 --out runs/dit_t4_w4a4_hadanorm.pt
 """
 import dataclasses
 import time
@@ -462,7 +462,7 @@ def main(argv=None):
         return
     recipe = build_recipe(model, stats, args.method, args.wbits, args.abits, args.alpha, args.lora_rank,
                           args.lora_iters, static_buckets=args.static_act)
-    apply_recipe(model, recipe)
+    traces = apply_recipe(model, recipe)
     if args.static_act:
         calibrate_static(model, args.calib_n, args.calib_steps, seed=args.seed)
     dt = time.time() - t0
@@ -471,6 +471,11 @@ def main(argv=None):
         print(f"{name:22s} {a:12.2f} {b:16.2f} {o:9.2f}")
     print(f"{args.method} W{args.wbits}A{args.abits}: calibrated in {dt:.1f} s "
           f"({args.calib_n} images x {args.calib_steps} steps)")
+    if recipe.get("lowrank") and traces:  # SVDQuant: how much of the weight, and of its peaks, the branch takes
+        share, peak = zip(*traces.values())
+        print(f"rank-{recipe['lowrank']} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of each W̃'s energy "
+              f"(mean {100 * sum(share) / len(share):.0f}%); it lowers max|W̃| to {min(peak):.2f}-{max(peak):.2f}× "
+              "for the 4-bit residual")
     if args.out:
         save_quantized(args.out, model, cfg, recipe, vars(args))
         print(f"saved {args.out}")

@@ -23,7 +23,14 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (the usage is one --help away)."""
+    """argparse with a one-line error (the usage is one --help away) and config files: `@FILE` reads
+    flags from FILE, whitespace-separated, `#` starting a comment (the runs the docs cite: config/)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, fromfile_prefix_chars="@", **kw)
+
+    def convert_arg_line_to_args(self, line):
+        return line.split("#", 1)[0].split()
 
     def error(self, message):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")

@@ -8,7 +8,7 @@ Because H is orthogonal and s is undone in W̃, the transform is exact: with qua
 layer equals the original nn.Linear. HadaNorm's mean term μ̃ Q_w(W̃)ᵀ reuses the quantized weight,
 so no float copy of W is kept.
 
-Quantizer conventions (DESIGN §4): symmetric levels [-2^(b-1), 2^(b-1)-1] with s = max|x| / (2^(b-1)-1),
+Quantizer conventions (docs/design.md): symmetric levels [-2^(b-1), 2^(b-1)-1] with s = max|x| / (2^(b-1)-1),
 asymmetric levels [0, 2^b - 1] with a zero point; granularity per tensor, per row (tokens of x, output
 channels of W) or per group of g along K; range by min-max or by an MSE search over clipping ratios.
 
