@@ -37,7 +37,8 @@ TINY_SHAPES = [(192, 576), (192, 192), (192, 768), (768, 192)]  # qkv, proj, fc1
 XL_SHAPES = [(1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152)]
 VARIANTS = [("W8A8", 8, 8, {}),  # (name, weight bits, activation bits, QuantLinear arguments)
             ("W4A4 HadaNorm", 4, 4, dict(rotate=True, center="dynamic", scale="s")),
-            ("W4A4 HQ-DM", 4, 4, dict(rotate=True, center="dynamic", scale="s", single=True))]
+            ("W4A4 HQ-DM", 4, 4, dict(rotate=True, center="dynamic", scale="s", single=True)),
+            ("W4A4 SVDQuant-HadaNorm r32", 4, 4, dict(rotate=True, center="dynamic", scale="s", lowrank=32))]
 
 
 def timeit(fn, device, repeats, warmup=2):
@@ -116,7 +117,11 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
     rows.append((f"int8 GEMM alone ({backend}; the bound)", t, N * K, N * K))
     for name, wbits, abits, kw in VARIANTS:
         kw = dict(kw, scale=torch.rand(K, generator=g) + 0.5) if "scale" in kw else kw
-        q = integer.to_integer(QuantLinear(lin, QConfig(wbits), QConfig(abits), **kw)).to(device)
+        rank = kw.pop("lowrank", 0)
+        q = QuantLinear(lin, QConfig(wbits), QConfig(abits), **kw)
+        if rank:
+            calibrate.lowrank_branch(q, rank)  # the float rank-r branch beside the 4-bit residual
+        q = integer.to_integer(q).to(device)
         stored, resident = q.w_int.numel() + 4 * N, q.w_codes.numel() + 4 * N
         rows.append((name, timeit(lambda: q(x), device, repeats), stored, resident))
         if compile:
@@ -178,8 +183,10 @@ def tiny_models(device, quick):
         calibrate.quantize_fp(m, "hadanorm", 4, 4, calib_n=2, calib_steps=3)
         return out + [("W4A4 HadaNorm (integer)", integer.to_integer(m).to(device))]
     out += [("fp32 compiled", fp()), ("bf16 compiled", fp().to(torch.bfloat16))]
-    for name, path in (("W4A4 HadaNorm", "checkpoints/dit_t4_w4a4_hadanorm.pt"),
-                       ("W4A4 HQ-DM, shipped (sample.py --w4a4)", "checkpoints/dit_t4_w4a4_hqdm.pt")):
+    for name, path in (("W4A4 HadaNorm (sample.py --w4a4 --method hadanorm)", "checkpoints/dit_t4_w4a4_hadanorm.pt"),
+                       ("W4A4 HQ-DM QAT (--method hqdm)", "checkpoints/dit_t4_w4a4_hqdm.pt"),
+                       ("W4A4 SVDQuant-HadaNorm (sample.py --w4a4)",
+                        "checkpoints/dit_t4_w4a4_svdquant-hadanorm.pt")):
         if os.path.exists(path):
             out.append((f"{name} (integer)", calibrate.load_quantized(path)[0].to(device)))
     return out
@@ -210,6 +217,24 @@ def tiny_sampling(device, n, steps, rounds, quick, compile=True):
     return [(r[0], r[2], statistics.median(r[3]), statistics.median(r[4]), statistics.median(r[5])) for r in runs]
 
 
+def profile(path, device, batch=160, top=12):
+    """torch.profiler's table of one eager forward of a quantized checkpoint (after warm-up)."""
+    m = calibrate.load_quantized(path)[0].to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, m.in_channels, 32, 32, generator=g).to(device)
+    t, y = torch.full((batch,), 500, device=device), (torch.arange(batch) % 10).to(device)
+    with torch.no_grad():
+        for _ in range(3):
+            m(x, t, y)
+        t0 = time.perf_counter()
+        with torch.profiler.profile() as p:
+            for _ in range(3):
+                m(x, t, y)
+    print(f"{path}: one eager forward of batch {batch} takes {(time.perf_counter() - t0) / 3 * 1e3:.0f} ms "
+          "(profiled); per op, summed over the 3 forwards:")
+    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
+
+
 def main(argv=None):
     ap = common.Parser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused kernels) "
                                              "against fp32 / bf16 peers, per layer and end to end, side by side.")
@@ -218,6 +243,8 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per layer row (default 10, quick 3)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved sampling runs per model")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--profile", metavar="QCKPT", default=None, help="only: where one eager forward of this "
+                    "quantized checkpoint spends its time (torch.profiler, the sampling batch of 2 x 80 images)")
     args = ap.parse_args(argv)
     common.check_device(args.device)
     if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
@@ -228,6 +255,8 @@ def main(argv=None):
     ok, why = kernels.kernel_status()
     print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; fused C kernel: {'yes' if ok else 'no (' + why + ')'}")
     t0 = time.time()
+    if args.profile:
+        return profile(args.profile, dev)
     shapes = [(512, *TINY_SHAPES[2])] if args.quick else \
         [(10240, k, n) for k, n in TINY_SHAPES] + [(m, k, n) for m in (1024, 4096) for k, n in XL_SHAPES]
     for M, K, N in shapes:
