@@ -217,26 +217,29 @@ def check_wrong_answers(names, root=ROOT, log=print):
     exercise's tests -> the answers no test caught, plus "reference" if the unchanged copy fails them."""
     ex, mapping = find_exercises(root), load_map(root)
     wrong, missed = load_wrong(root, ex), []
+    for n in names:
+        if not mapping.get(n) or not wrong.get(n):
+            missed.append(f"{n}: {'no tests' if not mapping.get(n) else 'no wrong answers stored'}")
+            log(missed[-1])
+    names = [n for n in names if mapping.get(n) and wrong.get(n)]
     with tempfile.TemporaryDirectory() as tmp:
+        ref = os.path.join(tmp, "reference")
+        write_handout(ref, [], root, ex)  # a plain copy: the reference must pass every test concerned, once
+        tests = sorted(set().union(*(mapping[n] for n in names))) if names else []
+        bad = sorted(t for t, msg in run_suite(ref, tests).items() if msg is not None) if tests else []
+        log(f"reference: {len(tests) - len(bad)} of {len(tests)} tests pass" + (f"; FAILS {bad[:3]}" if bad else ""))
         for n in names:
-            tests = mapping.get(n, [])
-            if not tests or not wrong.get(n):
-                missed.append(f"{n}: {'no tests' if not tests else 'no wrong answers stored'}")
-                log(f"{n}: {missed[-1]}")
-                continue
-            ref = os.path.join(tmp, n, "reference")
-            write_handout(ref, [], root, ex)  # a plain copy: the reference must pass
-            bad = sorted(t for t, msg in run_suite(ref, tests, first_failure=True).items() if msg is not None)
-            log(f"{n}: reference {'FAILS ' + bad[0] if bad else 'passes'} its {len(tests)} tests")
-            if bad:
+            if any(t in bad for t in mapping[n]):
                 missed.append(f"{n}: reference")
+            log(f"{n}:")
             for i, answer in enumerate(wrong[n]):
-                out = os.path.join(tmp, n, str(i))
+                out = os.path.join(tmp, f"{n}_{i}")
                 write_handout(out, [n], root, ex, codes=answer["code"])
-                caught = sorted(t for t, msg in run_suite(out, tests, 900, True).items() if msg is not None)
+                caught = sorted(t for t, msg in run_suite(out, mapping[n], 900, True).items() if msg is not None)
                 log(f"  {'caught by ' + caught[0] if caught else 'NOT CAUGHT'}: {answer['why']}")
                 if not caught:
                     missed.append(f"{n}: {answer['why']}")
+                shutil.rmtree(out)
     return missed
 
 
