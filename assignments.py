@@ -1,4 +1,5 @@
-"""Course hand-outs: a copy of the project with chosen exercise regions removed, and how to grade them.
+"""Course hand-outs: a copy of the project with chosen exercise regions removed, and how to grade
+them.
 
 An exercise is a region of a stage file between two one-line comments, readable in place:
 
@@ -6,22 +7,22 @@ An exercise is a region of a stage file between two one-line comments, readable 
     ...the code a student writes...
     # end exercise NAME
 
-A name may mark several regions (pack and unpack, say). The hand-out keeps both comments and replaces
-the code between them by `raise NotImplementedError("exercise NAME: <task>")` at the same indentation.
-The tests that grade NAME are the tests that fail when NAME alone is removed. They are measured, not
-guessed: `python assignments.py --map` generates one hand-out per exercise, runs the suite in each
-and records the failures in tests/exercises.json (tests/test_assignments.py checks that the record
-still holds).
+A name may mark several regions (pack and unpack, say). The hand-out keeps both comments and
+replaces the code between them by `raise NotImplementedError("exercise NAME: <task>")` at the same
+indentation. The tests that grade NAME are the tests that fail when NAME alone is removed. They are
+measured, not guessed: `python assignments.py --map` generates one hand-out per exercise, runs the
+suite in each and records the failures in tests/exercises.json (tests/test_assignments.py checks
+that the record still holds).
 
     python assignments.py --list                         # exercises, their task and their tests
     python assignments.py --out handout                  # every exercise removed
     python assignments.py --out handout --only paley int4_pack
     python assignments.py --check --only int4_pack         # each stored wrong answer must fail its tests
 
-A test that passes on a wrong answer grades nothing. tests/wrong_answers.json holds two to four plausible
-wrong answers per exercise (code a student could write: no sign extension, σ = 0, α fixed, ...);
-`--check` puts each into a copy of the project in place of the reference code and runs that exercise's
-tests, which must fail, and runs them once on the unchanged copy, where they must pass.
+A test that passes on a wrong answer grades nothing. tests/wrong_answers.json holds two to four
+plausible wrong answers per exercise (code a student could write: no sign extension, σ = 0, α fixed,
+...); `--check` puts each into a copy of the project in place of the reference code and runs that
+exercise's tests, which must fail, and runs them once on the unchanged copy, where they must pass.
 """
 import json
 import os
@@ -38,7 +39,8 @@ import dit
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MAP_FILE = os.path.join("tests", "exercises.json")
 WRONG_FILE = os.path.join("tests", "wrong_answers.json")
-TOOL_FILES = ("assignments.py", os.path.join("tests", "test_assignments.py"), WRONG_FILE)  # not handed out
+# not handed out
+TOOL_FILES = ("assignments.py", os.path.join("tests", "test_assignments.py"), WRONG_FILE)
 SKIP_DIRS = ("__pycache__", "runs")
 OPEN = re.compile(r"^(\s*)# exercise ([a-z0-9_]+): (.+?)\s*$")
 CLOSE = re.compile(r"^(\s*)# end exercise ([a-z0-9_]+)\s*$")
@@ -49,12 +51,14 @@ CLOSE = re.compile(r"^(\s*)# end exercise ([a-z0-9_]+)\s*$")
 #################################################################################
 
 def project_files(root=ROOT, exclude=None):
-    """Relative paths of the project's files: git's tracked and not-ignored ones in a checkout (with git
-    installed), else a walk without hidden folders, caches and run outputs; nothing under `exclude`."""
+    """Relative paths of the project's files: git's tracked and not-ignored ones in a checkout
+    (with git installed), else a walk without hidden folders, caches and run outputs; nothing under
+    `exclude`."""
     files = None
     if os.path.isdir(os.path.join(root, ".git")):
         try:
-            ls = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=root,
+            ls = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                                cwd=root,
                                 capture_output=True, text=True)
             if ls.returncode == 0:
                 files = [f for f in ls.stdout.splitlines() if os.path.isfile(os.path.join(root, f))]
@@ -72,7 +76,8 @@ def project_files(root=ROOT, exclude=None):
 
 
 def find_exercises(root=ROOT):
-    """-> {name: {"task": str, "regions": [(file, first, last, indent, task)]}} (0-based inner line range)."""
+    """-> {name: {"task": str, "regions": [(file, first, last, indent, task)]}} (0-based inner line
+    range)."""
     ex = {}
     for rel in project_files(root):
         if not rel.endswith(".py") or rel in TOOL_FILES:
@@ -83,11 +88,13 @@ def find_exercises(root=ROOT):
             m, c = OPEN.match(line), CLOSE.match(line)
             if m:
                 if cur:
-                    raise ValueError(f"{rel}:{i + 1}: exercise {m[2]} opens inside exercise {cur[0]}")
+                    raise ValueError(f"{rel}:{i + 1}: exercise {m[2]} opens inside exercise "
+                                     f"{cur[0]}")
                 cur = (m[2], i, m[1], m[3])
             elif c:
                 if not cur or c[2] != cur[0]:
-                    raise ValueError(f"{rel}:{i + 1}: 'end exercise {c[2]}' without its opening comment")
+                    raise ValueError(f"{rel}:{i + 1}: 'end exercise {c[2]}' without its opening "
+                                     f"comment")
                 name, start, indent, task = cur
                 if i == start + 1:
                     raise ValueError(f"{rel}:{start + 1}: exercise {name} is empty")
@@ -107,7 +114,8 @@ def load_map(root=ROOT):
 
 
 def load_wrong(root=ROOT, exercises=None):
-    """-> {name: [{"why": str, "code": [region code or None (the reference kept), one per region]}]}."""
+    """-> {name: [{"why": str, "code": [region code or None (the reference kept), one per
+    region]}]}."""
     wrong = json.load(open(os.path.join(root, WRONG_FILE), encoding="utf-8"))
     exercises = exercises or find_exercises(root)
     for name, answers in wrong.items():
@@ -115,7 +123,8 @@ def load_wrong(root=ROOT, exercises=None):
             raise ValueError(f"{WRONG_FILE}: unknown exercise {name}")
         for a in answers:
             if len(a["code"]) != len(exercises[name]["regions"]):
-                raise ValueError(f"{WRONG_FILE}: {name} '{a['why']}' gives {len(a['code'])} regions, "
+                raise ValueError(f"{WRONG_FILE}: {name} '{a['why']}' gives {len(a['code'])} "
+                                 f"regions, "
                                  f"the exercise has {len(exercises[name]['regions'])}")
     return wrong
 
@@ -125,11 +134,13 @@ def load_wrong(root=ROOT, exercises=None):
 #################################################################################
 
 def strip(text, regions, codes=None):
-    """Replaces the inner lines of each region by one raise (the marker comments stay), or by codes[i]
-    (unindented source; None keeps region i as it is)."""
+    """Replaces the inner lines of each region by one raise (the marker comments stay), or by
+    codes[i] (unindented source; None keeps region i as it is)."""
     lines = text.split("\n")
     codes = codes or [""] * len(regions)
-    for (_, first, last, indent, task), code in sorted(zip(regions, codes), key=lambda rc: -rc[0][1]):  # bottom up
+    # bottom up
+    for (_, first, last, indent, task), code in sorted(zip(regions, codes),
+                                                       key=lambda rc: -rc[0][1]):
         if code is None:
             continue
         if code:
@@ -155,20 +166,23 @@ def write_handout(out, names, root=ROOT, exercises=None, codes=None):
     exercises = exercises or find_exercises(root)
     unknown = [n for n in names if n not in exercises]
     if unknown:
-        raise ValueError(f"unknown exercise {', '.join(unknown)}; choose from {', '.join(exercises)}")
+        raise ValueError(f"unknown exercise {', '.join(unknown)}; choose from "
+                         f"{', '.join(exercises)}")
     check_out(out, root)
     by_file = {}
     for n in names:
         for i, r in enumerate(exercises[n]["regions"]):
             by_file.setdefault(r[0], []).append((r, codes[i] if codes else ""))
-    files = [f for f in project_files(root, exclude=out) if f not in TOOL_FILES]  # listed before writing
+    # listed before writing
+    files = [f for f in project_files(root, exclude=out) if f not in TOOL_FILES]
     for rel in files:
         dst = os.path.join(out, rel)
         os.makedirs(os.path.dirname(dst), exist_ok=True)
         if rel in by_file:
             with open(dst, "w", encoding="utf-8") as f:
                 regions, region_codes = zip(*by_file[rel])
-                f.write(strip(open(os.path.join(root, rel), encoding="utf-8").read(), regions, region_codes))
+                f.write(strip(open(os.path.join(root, rel), encoding="utf-8").read(), regions,
+                              region_codes))
         else:
             shutil.copy2(os.path.join(root, rel), dst)
     return sorted(by_file)
@@ -179,7 +193,8 @@ def write_handout(out, names, root=ROOT, exercises=None, codes=None):
 #################################################################################
 
 def run_suite(folder, tests=(), timeout=3600, first_failure=False):
-    """Runs pytest in `folder` -> {node id: failure message or None (passed)}; first_failure: stop there."""
+    """Runs pytest in `folder` -> {node id: failure message or None (passed)}; first_failure: stop
+    there."""
     xml = os.path.join(folder, "runs", "junit.xml")
     os.makedirs(os.path.dirname(xml), exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}",
@@ -201,7 +216,8 @@ def measure_map(root=ROOT):
     ex = find_exercises(root)
     with tempfile.TemporaryDirectory() as tmp:
         write_handout(os.path.join(tmp, "all"), list(ex), root, ex)
-        failed = sorted(t for t, msg in run_suite(os.path.join(tmp, "all")).items() if msg is not None)
+        failed = sorted(t for t,
+                        msg in run_suite(os.path.join(tmp, "all")).items() if msg is not None)
         print(f"all exercises removed: {len(failed)} tests fail", file=sys.stderr)
         mapping = {}
         for n in ex:
@@ -214,7 +230,8 @@ def measure_map(root=ROOT):
 
 def check_wrong_answers(names, root=ROOT, log=print):
     """Each stored wrong answer of each exercise in `names`, in a copy of the project, against the
-    exercise's tests -> the answers no test caught, plus "reference" if the unchanged copy fails them."""
+    exercise's tests -> the answers no test caught, plus "reference" if the unchanged copy fails
+    them."""
     ex, mapping = find_exercises(root), load_map(root)
     wrong, missed = load_wrong(root, ex), []
     for n in names:
@@ -224,7 +241,8 @@ def check_wrong_answers(names, root=ROOT, log=print):
     names = [n for n in names if mapping.get(n) and wrong.get(n)]
     with tempfile.TemporaryDirectory() as tmp:
         ref = os.path.join(tmp, "reference")
-        write_handout(ref, [], root, ex)  # a plain copy: the reference must pass every test concerned, once
+        # a plain copy: the reference must pass every test concerned, once
+        write_handout(ref, [], root, ex)
         tests = sorted(set().union(*(mapping[n] for n in names))) if names else []
         bad = sorted(t for t, msg in run_suite(ref, tests).items() if msg is not None) if tests else []
         log(f"reference: {len(tests) - len(bad)} of {len(tests)} tests pass" + (f"; FAILS {bad[:3]}" if bad else ""))
@@ -235,7 +253,8 @@ def check_wrong_answers(names, root=ROOT, log=print):
             for i, answer in enumerate(wrong[n]):
                 out = os.path.join(tmp, f"{n}_{i}")
                 write_handout(out, [n], root, ex, codes=answer["code"])
-                caught = sorted(t for t, msg in run_suite(out, mapping[n], 900, True).items() if msg is not None)
+                caught = sorted(t for t,
+                                msg in run_suite(out, mapping[n], 900, True).items() if msg is not None)
                 log(f"  {'caught by ' + caught[0] if caught else 'NOT CAUGHT'}: {answer['why']}")
                 if not caught:
                     missed.append(f"{n}: {answer['why']}")
@@ -248,14 +267,21 @@ def check_wrong_answers(names, root=ROOT, log=print):
 #################################################################################
 
 def main(argv=None):
-    ap = common.Parser(description="Write a course hand-out: the project with chosen exercise regions "
-                                             "replaced by NotImplementedError, and the tests that grade each.")
+    ap = common.Parser(description="Write a course hand-out: the project with chosen exercise "
+                                   "regions "
+                                             "replaced by NotImplementedError, and the tests that "
+                                             "grade each.")
     ap.add_argument("--out", help="new (or empty) folder for the hand-out")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="remove only these exercises (default: all)")
-    ap.add_argument("--list", action="store_true", help="show the exercises, their task and their tests")
-    ap.add_argument("--map", action="store_true", help=f"re-measure {MAP_FILE} (runs the suite once per exercise)")
-    ap.add_argument("--check", action="store_true", help=f"every wrong answer in {WRONG_FILE} must fail its "
-                                                         "exercise's tests (with --only: those exercises)")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="remove only these exercises "
+                                                              "(default: all)")
+    ap.add_argument("--list", action="store_true", help="show the exercises, their task and their "
+                                                        "tests")
+    ap.add_argument("--map", action="store_true", help=f"re-measure {MAP_FILE} (runs the suite "
+                                                       f"once per exercise)")
+    ap.add_argument("--check", action="store_true", help=f"every wrong answer in {WRONG_FILE} must "
+                                                         f"fail its "
+                                                         "exercise's tests (with --only: those "
+                                                         "exercises)")
     args = ap.parse_args(argv)
     ex = find_exercises()
     if args.map:
@@ -273,14 +299,17 @@ def main(argv=None):
     if args.check:
         missed = check_wrong_answers(names)
         if missed:
-            print(f"{len(missed)} not as they should be:\n  " + "\n  ".join(missed), file=sys.stderr)
+            print(f"{len(missed)} not as they should be:\n  " + "\n  ".join(missed),
+                  file=sys.stderr)
             sys.exit(1)
-        print(f"every stored wrong answer of {len(names)} exercises fails its tests; the reference passes")
+        print(f"every stored wrong answer of {len(names)} exercises fails its tests; the reference "
+              f"passes")
         return
     if args.list:
         for n in names:
             where = ", ".join(f"{r[0]}:{r[1]}" for r in ex[n]["regions"])
-            print(f"{n:14s} {ex[n]['task']}\n{'':14s} in {where}; graded by {len(mapping.get(n, []))} tests:")
+            print(f"{n:14s} {ex[n]['task']}\n{'':14s} in {where}; graded by "
+                  f"{len(mapping.get(n, []))} tests:")
             print("".join(f"{'':16s}{t}\n" for t in mapping.get(n, [])))
         return
     if not args.out:

@@ -1,13 +1,14 @@
-"""Speed and memory of the integer path against its float peers, side by side in one run. A benchmark,
-not a test: ratios within one run are what to compare (machines differ, and so do days on one machine).
+"""Speed and memory of the integer path against its float peers, side by side in one run. A
+benchmark, not a test: ratios within one run are what to compare (machines differ, and so do days on
+one machine).
 
 Per layer y = x Wᵀ (M tokens, K in, N out): fp32 and bf16 F.linear (eager, and bf16 compiled: the
 strongest float peer); the int8 bound (the fastest exact int8 GEMM on ready operands, `_int_mm` or
-oneDNN's int8 linear, no quantization around it); our IntLinear at W8A8, W4A4 HadaNorm and W4A4 HQ-DM
-(single Hadamard), eager and compiled, everything included (transform, quantization, GEMM,
-dequantization, mean term); W4A16 through torch's int4 weight-only kernel.
-End to end: a DiT-XL/2 forward on random weights, and the tiny model sampling as `sample.py` runs it,
-every model interleaved over rounds, with user and system CPU time.
+oneDNN's int8 linear, no quantization around it); our IntLinear at W8A8, W4A4 HadaNorm and W4A4
+HQ-DM (single Hadamard), eager and compiled, everything included (transform, quantization, GEMM,
+dequantization, mean term); W4A16 through torch's int4 weight-only kernel. End to end: a DiT-XL/2
+forward on random weights, and the tiny model sampling as `sample.py` runs it, every model
+interleaved over rounds, with user and system CPU time.
 
     python bench.py --quick          # < 1 min smoke run
     python bench.py                  # the tables in docs/speed.md (~15 min on 2 cores)
@@ -38,7 +39,8 @@ XL_SHAPES = [(1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152)]
 VARIANTS = [("W8A8", 8, 8, {}),  # (name, weight bits, activation bits, QuantLinear arguments)
             ("W4A4 HadaNorm", 4, 4, dict(rotate=True, center="dynamic", scale="s")),
             ("W4A4 HQ-DM", 4, 4, dict(rotate=True, center="dynamic", scale="s", single=True)),
-            ("W4A4 SVDQuant-HadaNorm r32", 4, 4, dict(rotate=True, center="dynamic", scale="s", lowrank=32))]
+            ("W4A4 SVDQuant-HadaNorm r32", 4, 4,
+             dict(rotate=True, center="dynamic", scale="s", lowrank=32))]
 
 
 def timeit(fn, device, repeats, warmup=2):
@@ -57,12 +59,14 @@ def timeit(fn, device, repeats, warmup=2):
 
 
 def machine(device):
-    """One line: the processor, its int8 / bf16 instructions (the ranking depends on them), threads."""
+    """One line: the processor, its int8 / bf16 instructions (the ranking depends on them),
+    threads."""
     if device == "cuda":
         return torch.cuda.get_device_name()
     cap = torch._C._cpu._get_cpu_capability()
     isa = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16") if cap.get(f)]
-    return (f"{cap.get('cpu_name') or platform.processor() or platform.machine()}, ISA: {', '.join(isa) or 'no VNNI/AMX'}"
+    return (f"{cap.get('cpu_name') or platform.processor() or platform.machine()}, ISA: "
+            f"{', '.join(isa) or 'no VNNI/AMX'}"
             f", {torch.get_num_threads()} threads")
 
 
@@ -95,14 +99,17 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(K, N, bias=True)
     lin.weight.data = torch.randn(N, K, generator=g) / K ** 0.5
-    x = torch.randn(max(1, M // tokens), min(M, tokens), K, generator=g).to(device)  # (samples, tokens, K)
+    # (samples, tokens, K)
+    x = torch.randn(max(1, M // tokens), min(M, tokens), K, generator=g).to(device)
     xb, w32 = x.bfloat16(), lin.weight.data.to(device)
     wb = w32.bfloat16()
     rows = [("fp32 F.linear", timeit(lambda: F.linear(x, w32), device, repeats), 4 * N * K, 4 * N * K),
-            ("bf16 F.linear", timeit(lambda: F.linear(xb, wb), device, repeats), 2 * N * K, 2 * N * K)]
+            ("bf16 F.linear", timeit(lambda: F.linear(xb, wb), device, repeats), 2 * N * K,
+             2 * N * K)]
     if compile:
         c, _ = compiled(lambda v: F.linear(v, wb), xb)
-        rows.append(("bf16 F.linear, compiled", timeit(lambda: c(xb), device, repeats), 2 * N * K, 2 * N * K))
+        rows.append(("bf16 F.linear, compiled", timeit(lambda: c(xb), device, repeats), 2 * N * K,
+                     2 * N * K))
     qi = torch.randint(-8, 8, (x.shape[0] * x.shape[1], K), dtype=torch.int8, device=device)
     wi = torch.randint(-8, 8, (N, K), dtype=torch.int8)
     bound = []
@@ -110,7 +117,8 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
         try:
             op = integer.prepare_weight(wi, backend) if backend != "int_mm" else wi.to(device).t()
             a = qi if backend == "int_mm" else (qi.to(torch.int16) + 128).to(torch.uint8)
-            bound.append((timeit(lambda: integer.int_gemm(a, op, backend, N), device, repeats), backend))
+            bound.append((timeit(lambda: integer.int_gemm(a, op, backend, N), device, repeats),
+                          backend))
         except (RuntimeError, NotImplementedError):
             continue
     t, backend = min(bound)
@@ -126,10 +134,12 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
         rows.append((name, timeit(lambda: q(x), device, repeats), stored, resident))
         if compile:
             c, sec = compiled(q, x)
-            rows.append((f"{name}, compiled ({sec:.0f} s)", timeit(lambda: c(x), device, repeats), stored, resident))
+            rows.append((f"{name}, compiled ({sec:.0f} s)", timeit(lambda: c(x), device, repeats),
+                         stored, resident))
     try:
         f = int4_weight_only(lin.weight.data, device)
-        rows.append(("W4A16 torch int4 kernel", timeit(lambda: f(xb.reshape(-1, K)), device, repeats),
+        rows.append(("W4A16 torch int4 kernel",
+                     timeit(lambda: f(xb.reshape(-1, K)), device, repeats),
                      N * K // 2 + 4 * N * K // 32, N * K // 2 + 4 * N * K // 32))
     except (RuntimeError, NotImplementedError) as e:  # kernel missing on this build / device
         rows.append((f"W4A16 (unavailable: {str(e)[:40]})", float("nan"), N * K // 2, N * K // 2))
@@ -145,35 +155,40 @@ def print_layer_table(M, K, N, rows):
           "weight bytes stored | resident |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, t, stored, resident in rows:
-        print(f"| {name} | {1e3 * t:.3f} | {2 * M * K * N / t / 1e9:.1f} | {t32 / t:.2f} | {tbf / t:.2f} | "
+        print(f"| {name} | {1e3 * t:.3f} | {2 * M * K * N / t / 1e9:.1f} | {t32 / t:.2f} | "
+              f"{tbf / t:.2f} | "
               f"{tbc / t:.2f} | {bound / t:.2f} | {stored:,d} | {resident:,d} |")
 
 
 @torch.no_grad()
 def xl_forward(device, repeats, compile=True):
-    """DiT-XL/2 forward on random weights, batch 2 x 256 tokens: fp32, bf16, W4A4 HadaNorm integer."""
+    """DiT-XL/2 forward on random weights, batch 2 x 256 tokens: fp32, bf16, W4A4 HadaNorm
+    integer."""
     torch.manual_seed(0)
     m = dit.DiT_models["DiT-XL/2"]().eval()
     for _, _, _, lin in quant.quant_layers(m):
         lin.weight.data.normal_(0, 0.02)
-    x, t, y = torch.randn(2, 4, 32, 32, device=device), torch.tensor([10, 500], device=device), torch.tensor([1, 2], device=device)
+    x = torch.randn(2, 4, 32, 32, device=device)
+    t, y = torch.tensor([10, 500], device=device), torch.tensor([1, 2], device=device)
     m.to(device)
     out = [("fp32", timeit(lambda: m(x, t, y), device, repeats, 1))]
     mb = m.to(torch.bfloat16)
     out.append(("bf16", timeit(lambda: mb(x.bfloat16(), t, y), device, repeats, 1)))
     m.float()
-    quant.quantize_model(m, {"wq": QConfig(4), "aq": QConfig(4), "rotate": True, "center": "dynamic"})
+    quant.quantize_model(m,
+                         {"wq": QConfig(4), "aq": QConfig(4), "rotate": True, "center": "dynamic"})
     integer.to_integer(m)
     out.append(("W4A4 HadaNorm integer", timeit(lambda: m(x, t, y), device, repeats, 1)))
     if compile:
         c, sec = compiled(lambda v: m(v, t, y), x)
-        out.append((f"W4A4 HadaNorm integer, compiled ({sec:.0f} s)", timeit(lambda: c(x), device, repeats, 1)))
+        out.append((f"W4A4 HadaNorm integer, compiled ({sec:.0f} s)",
+                    timeit(lambda: c(x), device, repeats, 1)))
     return out
 
 
 def tiny_models(device, quick):
-    """(name, model) to sample: the FP model eager (sample.py's default) and compiled, bf16 compiled, and the
-    shipped or calibrated quantized models, compiled as `sample.py` runs them."""
+    """(name, model) to sample: the FP model eager (sample.py's default) and compiled, bf16
+    compiled, and the shipped or calibrated quantized models, compiled as `sample.py` runs them."""
     if not os.path.exists(dit.DEFAULT_CKPT):
         return [("fp32 eager (random weights)", dit.build(dit.TINY).to(device).eval())]
     fp = lambda: dit.load_checkpoint(dit.DEFAULT_CKPT)[0].to(device)
@@ -194,15 +209,18 @@ def tiny_models(device, quick):
 
 def tiny_sampling(device, n, steps, rounds, quick, compile=True):
     """Each model samples n images (DDIM, CFG 4.0) `rounds` times, interleaved -> [(name, compile s,
-    median s, user s, system s)]: CPU time per run from getrusage, so page faults show as system time."""
+    median s, user s, system s)]: CPU time per run from getrusage, so page faults show as system
+    time."""
     labels = class_labels(n, list(range(10)))
     runs = []
     for name, m in tiny_models(device, quick):
-        how = sample.accelerate(m, "on" if compile and ("compiled" in name or "integer" in name) else "off")
+        how = sample.accelerate(m,
+                                "on" if compile and ("compiled" in name or "integer" in name) else "off")
         bf16 = next(m.parameters()).dtype == torch.bfloat16
         if bf16:
             fwd = m.forward
-            m.forward = lambda x, t, y, f=fwd: f(x.bfloat16(), t, y).float()  # float32 sampler around a bf16 model
+            # float32 sampler around a bf16 model
+            m.forward = lambda x, t, y, f=fwd: f(x.bfloat16(), t, y).float()
         ct = sample.warm_up(m, labels, 4.0) if how == "compiled" else 0.0
         runs.append([name, m, ct, [], [], []])
     for _ in range(rounds):
@@ -214,7 +232,8 @@ def tiny_sampling(device, n, steps, rounds, quick, compile=True):
             u1 = resource.getrusage(resource.RUSAGE_SELF)
             r[4].append(u1.ru_utime - u0.ru_utime)
             r[5].append(u1.ru_stime - u0.ru_stime)
-    return [(r[0], r[2], statistics.median(r[3]), statistics.median(r[4]), statistics.median(r[5])) for r in runs]
+    med = statistics.median
+    return [(r[0], r[2], med(r[3]), med(r[4]), med(r[5])) for r in runs]
 
 
 def profile(path, device, batch=160, top=12):
@@ -230,21 +249,28 @@ def profile(path, device, batch=160, top=12):
         with torch.profiler.profile() as p:
             for _ in range(3):
                 m(x, t, y)
-    print(f"{path}: one eager forward of batch {batch} takes {(time.perf_counter() - t0) / 3 * 1e3:.0f} ms "
+    print(f"{path}: one eager forward of batch {batch} takes "
+          f"{(time.perf_counter() - t0) / 3 * 1e3:.0f} ms "
           "(profiled); per op, summed over the 3 forwards:")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def main(argv=None):
-    ap = common.Parser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused kernels) "
-                                             "against fp32 / bf16 peers, per layer and end to end, side by side.")
-    ap.add_argument("--quick", action="store_true", help="one small shape, no compile rows, tiny sampling (< 1 min)")
+    ap = common.Parser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused "
+                                   "kernels) "
+                                             "against fp32 / bf16 peers, per layer and end to end, "
+                                             "side by side.")
+    ap.add_argument("--quick", action="store_true", help="one small shape, no compile rows, tiny "
+                                                         "sampling (< 1 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per layer row (default 10, quick 3)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per layer row (default "
+                                                              "10, quick 3)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved sampling runs per model")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    ap.add_argument("--profile", metavar="QCKPT", default=None, help="only: where one eager forward of this "
-                    "quantized checkpoint spends its time (torch.profiler, the sampling batch of 2 x 80 images)")
+    ap.add_argument("--profile", metavar="QCKPT", default=None, help="only: where one eager "
+                                                                     "forward of this "
+                    "quantized checkpoint spends its time (torch.profiler, the sampling batch of 2 "
+                    "x 80 images)")
     args = ap.parse_args(argv)
     common.check_device(args.device)
     if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
@@ -253,12 +279,14 @@ def main(argv=None):
     dev, repeats = args.device, args.repeats or (3 if args.quick else 10)
     compile = not (args.quick or args.no_compile)
     ok, why = kernels.kernel_status()
-    print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; fused C kernel: {'yes' if ok else 'no (' + why + ')'}")
+    print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; fused C kernel: "
+          f"{'yes' if ok else 'no (' + why + ')'}")
     t0 = time.time()
     if args.profile:
         return profile(args.profile, dev)
     shapes = [(512, *TINY_SHAPES[2])] if args.quick else \
-        [(10240, k, n) for k, n in TINY_SHAPES] + [(m, k, n) for m in (1024, 4096) for k, n in XL_SHAPES]
+        [(10240, k, n) for k, n in TINY_SHAPES] + [(m, k, n) for m in (1024, 4096) for k,
+                                                   n in XL_SHAPES]
     for M, K, N in shapes:
         print_layer_table(M, K, N, layer_rows(M, K, N, dev, repeats, compile))
     if not args.quick:
@@ -271,10 +299,12 @@ def main(argv=None):
     rows = tiny_sampling(dev, n, steps, 1 if args.quick else args.rounds, args.quick, compile)
     print(f"\n**Tiny model sampling as `sample.py` runs it: {n} images, DDIM {steps}, CFG 4.0 "
           f"({1 if args.quick else args.rounds} interleaved rounds, medians)**\n")
-    print("| model | compile s | sampling s | × fp32 eager | CPU user s | CPU system s |\n|---|---|---|---|---|---|")
+    print("| model | compile s | sampling s | × fp32 eager | CPU user s | CPU system s "
+          "|\n|---|---|---|---|---|---|")
     for name, ct, t, u, s in rows:
         print(f"| {name} | {ct:.1f} | {t:.2f} | {rows[0][2] / t:.2f} | {u:.1f} | {s:.1f} |")
-    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; bench took {time.time() - t0:.0f} s")
+    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; bench "
+          f"took {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

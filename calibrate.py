@@ -26,12 +26,14 @@ import common
 import dit
 import integer
 import quant
+from integer import load_quantized, save_quantized  # the quantized checkpoint format
 from quant import QConfig, QuantLinear
-from diffusion import Diffusion, class_labels, guided, make_noise
+from diffusion import Diffusion, class_labels, guided, make_noise, sample_states
 
 METHODS = ("rtn", "smoothquant", "hadamard", "hadanorm", "hadanorm-nomean", "hadanorm-static",
            "hadanorm-noscale", "ditas", "svdquant", "svdquant-hadanorm")
-A8_SUFFIX = "+a8"  # "hadanorm+a8": the most sensitive layers at 8-bit activations, within a share of the MACs
+# "hadanorm+a8": the most sensitive layers at 8-bit activations, within a share of the MACs
+A8_SUFFIX = "+a8"
 
 
 #################################################################################
@@ -39,14 +41,16 @@ A8_SUFFIX = "+a8"  # "hadanorm+a8": the most sensitive layers at 8-bit activatio
 #################################################################################
 
 @torch.no_grad()
-def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_rows=4, keep_tokens=64):
+def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_rows=4,
+                  keep_tokens=64):
     """Runs DDIM from fixed noise and records, for every quantized layer's input x (B, T, K):
     absmax[k] per step (temporal), per-channel mean, the range after per-sample centering, and a
     few inputs at `keep` spread-out steps (for α search and SQNR), at most `keep_tokens` evenly
     spaced tokens each, on the CPU. Running statistics only: no activation history is held
     (DiT-XL/2: ~1.9 GB kept instead of ~7.4 GB for whole inputs)."""
     layers = quant.quant_layers(model)
-    stats = {name: {"absmax_t": [], "sum": 0, "count": 0, "cabsmax": None, "samples": [], "samples_t": []}
+    stats = {name: {"absmax_t": [], "sum": 0, "count": 0, "cabsmax": None, "samples": [],
+                    "samples_t": []}
              for name, *_ in layers}
     keep_at = set(torch.linspace(0, steps - 1, keep).round().long().tolist())
     state = {"i": 0}
@@ -75,7 +79,8 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
     try:
         for i in tqdm(range(steps)[::-1], desc="calibration sampling", leave=False, disable=None):
             state["i"], state["t"] = steps - 1 - i, int(diffusion.timestep_map[i])
-            x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)  # latents are not clipped
+            # latents are not clipped
+            x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)
     finally:
         for h in handles:
             h.remove()
@@ -109,13 +114,14 @@ def layer_mse(lin, recipe_kw, samples, ref):
 
 @torch.no_grad()
 def search_alpha(lin, absmax, x, wq, aq):
-    """DiTAS's per-layer search of the smoothing factor on calibration inputs x -> (layer MSE, α, s):
-    α on a 21-point grid in [0, 1], or None when not smoothing at all (s = 1) is best."""
+    """DiTAS's per-layer search of the smoothing factor on calibration inputs x -> (layer MSE, α,
+    s): α on a 21-point grid in [0, 1], or None when not smoothing at all (s = 1) is best."""
     ref = lin(x)
     wq_lin = quant.fake_quant(lin.weight.detach(), wq) if wq else lin.weight.detach()
     # exercise ditas_alpha: grid-search α in [0, 1] (21 points) and "no smoothing" for the lowest layer MSE
     best = None
-    for a in [None] + torch.linspace(0, 1, 21).tolist():  # None: s = 1, so DiTAS can fall back to RTN
+    # None: s = 1, so DiTAS can fall back to RTN
+    for a in [None] + torch.linspace(0, 1, 21).tolist():
         s = torch.ones_like(wq_lin[0]) if a is None else smooth_scale(absmax, wq_lin, a)
         err = layer_mse(lin, dict(wq=wq, aq=aq, scale=s), x, ref)
         if best is None or err < best[0]:
@@ -148,7 +154,8 @@ def fold_ditas(model, scales):
     Afterwards those layers receive pre-scaled inputs; fc2 (after GELU) must divide online."""
     for i, blk in enumerate(model.blocks):
         D = blk.attn.qkv.in_features
-        ada = blk.adaLN_modulation[1]  # rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        # rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp
+        ada = blk.adaLN_modulation[1]
         for name, (sh, sc) in ((f"blocks.{i}.attn.qkv", (0, 1)), (f"blocks.{i}.mlp.fc1", (3, 4))):
             s = scales[name]
             rs, rc = slice(sh * D, (sh + 1) * D), slice(sc * D, (sc + 1) * D)
@@ -158,15 +165,17 @@ def fold_ditas(model, scales):
             ada.bias.data[rs] /= s
             ada.weight.data[rc] /= s[:, None]
             ada.bias.data[rc] = ada.bias.data[rc] / s + 1 / s - 1
-        s = scales[f"blocks.{i}.attn.proj"]  # attention output channel j is a mix of V channel j only
+        # attention output channel j is a mix of V channel j only
+        s = scales[f"blocks.{i}.attn.proj"]
         blk.attn.qkv.weight.data[2 * D:] /= s[:, None]
         blk.attn.qkv.bias.data[2 * D:] /= s
 
 
 def lowrank_branch(q, rank):
-    """SVDQuant: the best rank-r part L = U S Vᵀ of the (smoothed, transformed) weight W̃ runs in float
-    as the low-rank branch, and only the residual W̃ − L is quantized, with its own, narrower scales.
-    Returns (share of W̃'s energy ‖L‖² / ‖W̃‖², max|W̃ − L| / max|W̃|): how much of the weight, and of
+    """SVDQuant: the best rank-r part L = U S Vᵀ of the (smoothed, transformed) weight W̃ runs in
+    float as the low-rank branch, and only the residual W̃ − L is quantized, with its own, narrower
+    scales. Returns (share of W̃'s energy ‖L‖² / ‖W̃‖², max|W̃ − L| / max|W̃|): how much of the
+    weight, and of
     its outliers, the branch takes."""
     W = q.weight.detach().clone()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
@@ -179,23 +188,13 @@ def lowrank_branch(q, rank):
     return (S[:rank].pow(2).sum() / S.pow(2).sum()).item(), ((W - L).abs().max() / W.abs().max()).item()
 
 
-def sample_states(model, n=8, steps=8, cfg_scale=4.0, seed=1234):
-    """The sampler's states (x_t, t, y) along the model's own DDIM trajectories, one batch per step."""
-    diffusion = Diffusion.make(steps=steps)
-    device = next(model.parameters()).device
-    y = class_labels(n, list(range(model.num_classes))).to(device)
-    x, fn, out = make_noise(n, model, seed).to(device), guided(model, y, cfg_scale), []
-    for i in range(steps)[::-1]:
-        out.append((x, torch.full((n,), int(diffusion.timestep_map[i]), device=device), y))
-        x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)
-    return out
-
-
 @torch.no_grad()
 def choose_a8_layers(model, recipe, states, budget, cfg_scale=4.0):
-    """Mixed precision by sensitivity: each layer's score is how much the guided ε error (against the FP
-    model, on its own trajectory states) falls when that layer alone gets 8-bit activations; layers are
-    kept at A8 by score per MAC, greedily, while their MACs stay within `budget` of all linear MACs."""
+    """Mixed precision by sensitivity: each layer's score is how much the guided ε error (against
+    the FP model, on its own trajectory states) falls when that layer alone gets 8-bit activations;
+    layers are
+    kept at A8 by score per MAC, greedily, while their MACs stay within `budget` of all linear
+    MACs."""
     import copy
     q_model = copy.deepcopy(model)
     apply_recipe(q_model, {k: v for k, v in recipe.items() if k != "layer_abits"})
@@ -246,11 +245,13 @@ def parse_method(name):
     """'hadanorm+a8' -> ('hadanorm', True); a clear error for an unknown recipe."""
     base, a8 = (name[:-len(A8_SUFFIX)], True) if name.endswith(A8_SUFFIX) else (name, False)
     if base not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, each optionally + {A8_SUFFIX!r}")
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, each "
+                         f"optionally + {A8_SUFFIX!r}")
     return base, a8
 
 
-def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10, block=None,
+def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10,
+                 block=None,
                  static_buckets=0, a8_budget=0.1):
     """-> recipe dict for `quant.quantize_model` (DiTAS also folds into `model` in place)."""
     base, a8 = parse_method(method)
@@ -280,10 +281,12 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
     if base == "ditas":
         scales, alphas = {}, {}
         for n, lin in tqdm(lins.items(), desc="DiTAS α search", leave=False, disable=None):
-            best = search_alpha(lin, stats[n]["absmax"], stats[n]["samples"].to(lin.weight.device), wq, aq)
+            best = search_alpha(lin, stats[n]["absmax"], stats[n]["samples"].to(lin.weight.device),
+                                wq, aq)
             alphas[n], scales[n] = best[1], best[2]
         fold_ditas(model, scales)
-        recipe.update(scales=scales, alphas=alphas, prescaled=[n for n in lins if not n.endswith("fc2")],
+        recipe.update(scales=scales, alphas=alphas,
+                      prescaled=[n for n in lins if not n.endswith("fc2")],
                       lora_rank=lora_rank, lora_iters=lora_iters)
     if a8:
         recipe["layer_abits"] = choose_a8_layers(model, recipe, sample_states(model), a8_budget)
@@ -322,7 +325,8 @@ def layer_report(fp_model, q_model, stats):
         proj = q_model.get_submodule(name.replace("qkv", "proj"))
         if name.endswith("qkv") and getattr(proj, "input_prescaled", False):
             D = x.shape[-1]
-            ref[..., 2 * D:] /= proj.s  # DiTAS folded proj's 1/s into the V rows: compare like with like
+            # DiTAS folded proj's 1/s into the V rows: compare like with like
+            ref[..., 2 * D:] /= proj.s
         xin = x / q.s if getattr(q, "input_prescaled", False) else x
         xt, _ = q.transform_input(xin)
         a_raw = quant.sqnr(x, quant.fake_quant(x, q.aq)) if q.aq else float("inf")
@@ -332,8 +336,8 @@ def layer_report(fp_model, q_model, stats):
 
 
 def plot_ranges(model, stats, path, block=None, alpha=0.5):
-    """PNG: per-channel range (min..max, grey bars) and a value histogram (log counts) of one fc1 and
-    one fc2 input of a middle block: raw, after SmoothQuant, after Hadamard, after HadaNorm."""
+    """PNG: per-channel range (min..max, grey bars) and a value histogram (log counts) of one fc1
+    and one fc2 input of a middle block: raw, after SmoothQuant, after Hadamard, after HadaNorm."""
     from PIL import Image, ImageDraw, ImageFont
     block = len(model.blocks) // 2 if block is None else block
     lins = {n: lin for n, _, _, lin in quant.quant_layers(model)}
@@ -341,7 +345,8 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
     cols = [("raw", {}), ("SmoothQuant", {"scale": "absmax"}), ("Hadamard", {"rotate": True}),
             ("HadaNorm", {"rotate": True, "center": "dynamic", "scale": "cabsmax"})]
     W, H, pad = 300, 240, 28
-    img = Image.new("RGB", (pad + len(cols) * (W + pad), pad + len(names) * (H + pad) + 10), "white")
+    img = Image.new("RGB", (pad + len(cols) * (W + pad), pad + len(names) * (H + pad) + 10),
+                    "white")
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
     for r, name in enumerate(names):
         x = stats[name]["samples"]  # (B, T, K)
@@ -355,7 +360,8 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
             lim = xt.abs().max().item()
             top, bot = H * 0.6, H * 0.35  # range panel, histogram panel
             d.rectangle([x0, y0, x0 + W, y0 + H], outline="black")
-            d.text((x0 + 4, y0 - 14), f"{name.split('.', 2)[2]} in, {title}: max|x| {lim:.1f}", fill="black", font=font)
+            d.text((x0 + 4, y0 - 14), f"{name.split('.', 2)[2]} in, {title}: max|x| "
+                                      f"{lim:.1f}", fill="black", font=font)
             lo, hi, K = xt.amin(0), xt.amax(0), xt.shape[1]
             for k in range(K):  # one vertical bar per channel, min..max
                 px = x0 + 1 + k * (W - 2) / K
@@ -365,53 +371,12 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
             hist = torch.histc(xt, bins=60, min=-lim, max=lim).clamp(min=1).log()
             for i, v in enumerate(hist.tolist()):
                 bx = x0 + i * W / 60
-                d.rectangle([bx, y0 + H - bot * v / hist.max().item(), bx + W / 60 - 1, y0 + H], fill=(40, 90, 160))
-    d.text((pad, img.height - 16), "grey: per-channel min..max (channel index ->), blue: histogram of all values "
+                d.rectangle([bx, y0 + H - bot * v / hist.max().item(), bx + W / 60 - 1, y0 + H],
+                            fill=(40, 90, 160))
+    d.text((pad, img.height - 16), "grey: per-channel min..max (channel index ->), blue: histogram "
+                                   "of all values "
            "(log count); scale = each panel's own max|x|", fill="black", font=font)
     common.save_image(img, path)
-
-
-def save_quantized(path, model, cfg, recipe, calib):
-    """A quantized checkpoint. Integer models store packed int4 (uint8) / int8 weight codes with fp32
-    scales; the layers kept in float are stored in fp16 (as the FP checkpoint)."""
-    ser = {k: (v.__dict__.copy() if isinstance(v, QConfig) else v) for k, v in recipe.items()}
-    ser["integer"] = any(isinstance(m, integer.IntLinear) for m in model.modules())
-    qnames = {n for n, *_ in quant.quant_layers(model)}
-    sd = {k: (v.half() if v.is_floating_point() and k.rsplit(".", 1)[0] not in qnames else v)
-          for k, v in model.state_dict().items()}
-    common.atomic_save({"config": dict(cfg), "recipe": ser, "calibration": calib, "model": sd}, path)
-
-
-def load_quantized(path):
-    """Rebuilds a quantized model saved by `save_quantized` (no calibration needed)."""
-    ck = common.load_file(path, "quantized checkpoint")
-    if not isinstance(ck, dict) or "recipe" not in ck or "model" not in ck or "config" not in ck:
-        raise ValueError(f"{path} is not a quantized dit4bit checkpoint (needs config, recipe and model)")
-    common.check_finite(ck["model"], path)
-    cfg = dict(ck["config"])
-    recipe = dict(ck["recipe"])
-    for k in ("wq", "aq"):
-        recipe[k] = None if recipe[k] is None else QConfig(**recipe[k])
-    model = dit.build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
-    quant.quantize_model(model, recipe)
-    for name, _, _, q in quant.quant_layers(model):
-        q.input_prescaled = name in recipe.get("prescaled", [])
-        r = recipe.get("lora_rank") or recipe.get("lowrank")
-        if r and q.wq is not None:
-            q.set_lora(torch.zeros(q.out_features, r), torch.zeros(r, q.in_features))
-    if recipe.get("integer"):
-        integer.to_integer(model)
-    sd, own = dict(ck["model"]), model.state_dict()
-    for k in [k for k in sd if k.endswith(".w_zero") and k not in own]:  # older integer files: zero points
-        if sd[k].abs().max() != 0:
-            raise ValueError(f"{path}: {k} is not zero; the integer path is symmetric")
-        del sd[k]
-    for k, v in own.items():  # a corrupted packed tensor fails here, not in a matmul
-        if k in sd and (sd[k].dtype in (torch.uint8, torch.int8) or v.dtype in (torch.uint8, torch.int8)) \
-                and (sd[k].dtype != v.dtype or sd[k].shape != v.shape):
-            raise ValueError(f"{path}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, expected {v.dtype} {tuple(v.shape)}")
-    dit.load_state_dict_checked(model, sd, path)  # IntLinear re-derives its GEMM operands on load
-    return model.eval(), cfg, recipe
 
 
 def quantize_fp(model, method, wbits, abits, calib_n=16, calib_steps=25, seed=1234, **kw):
@@ -430,17 +395,18 @@ def main(argv=None):
     ap.add_argument("--method", default="hadanorm", help=f"one of {', '.join(METHODS)}")
     ap.add_argument("--wbits", type=int, default=4)
     ap.add_argument("--abits", type=int, default=4)
-    ap.add_argument("--alpha", type=common.number(float, 0, 1), default=0.5, help="smoothing exponent (smoothquant, hadanorm)")
+    ap.add_argument("--alpha", type=common.number(float, 0, 1), default=0.5,
+                    help="smoothing exponent (smoothquant, hadanorm)")
     ap.add_argument("--lora-rank", type=common.number(int, 0), default=32,
                     help="DiTAS LoRA / SVDQuant branch rank (0 = off)")
     ap.add_argument("--lora-iters", type=common.POSITIVE, default=10)
     ap.add_argument("--static-act", type=common.number(int, 0), default=0, metavar="BUCKETS",
-                    help="static activation scales, one per timestep bucket (0 = dynamic per token)")
-    ap.add_argument("--calib-n", type=common.POSITIVE, default=16, help="images sampled for calibration")
+                    help="static activation scales per timestep bucket (0: dynamic per token)")
+    ap.add_argument("--calib-n", type=common.POSITIVE, default=16, help="images for calibration")
     ap.add_argument("--calib-steps", type=common.number(int, 1, 1000), default=25)
     ap.add_argument("--seed", type=common.number(int, 0), default=1234)
     ap.add_argument("--out", default=None, help="write the quantized checkpoint here")
-    ap.add_argument("--plot", default=None, help="write the activation-range picture (PNG) here and stop")
+    ap.add_argument("--plot", default=None, help="write the activation-range PNG here and stop")
     ap.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
@@ -458,10 +424,9 @@ def main(argv=None):
     stats = collect_stats(model, args.calib_n, args.calib_steps, seed=args.seed)
     if args.plot:
         plot_ranges(model, stats, args.plot, alpha=args.alpha)
-        print(f"wrote {args.plot}")
-        return
-    recipe = build_recipe(model, stats, args.method, args.wbits, args.abits, args.alpha, args.lora_rank,
-                          args.lora_iters, static_buckets=args.static_act)
+        return print(f"wrote {args.plot}")
+    recipe = build_recipe(model, stats, args.method, args.wbits, args.abits, args.alpha,
+                          args.lora_rank, args.lora_iters, static_buckets=args.static_act)
     traces = apply_recipe(model, recipe)
     if args.static_act:
         calibrate_static(model, args.calib_n, args.calib_steps, seed=args.seed)
@@ -471,11 +436,11 @@ def main(argv=None):
         print(f"{name:22s} {a:12.2f} {b:16.2f} {o:9.2f}")
     print(f"{args.method} W{args.wbits}A{args.abits}: calibrated in {dt:.1f} s "
           f"({args.calib_n} images x {args.calib_steps} steps)")
-    if recipe.get("lowrank") and traces:  # SVDQuant: how much of the weight, and of its peaks, the branch takes
+    if recipe.get("lowrank") and traces:  # SVDQuant: how much of the weight (and its peaks) it takes
         share, peak = zip(*traces.values())
-        print(f"rank-{recipe['lowrank']} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of each W̃'s energy "
-              f"(mean {100 * sum(share) / len(share):.0f}%); it lowers max|W̃| to {min(peak):.2f}-{max(peak):.2f}× "
-              "for the 4-bit residual")
+        print(f"rank-{recipe['lowrank']} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of "
+              f"each W̃'s energy (mean {100 * sum(share) / len(share):.0f}%); it lowers max|W̃| to "
+              f"{min(peak):.2f}-{max(peak):.2f}× for the 4-bit residual")
     if args.out:
         save_quantized(args.out, model, cfg, recipe, vars(args))
         print(f"saved {args.out}")

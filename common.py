@@ -1,5 +1,5 @@
-"""Plumbing every script shares, written once: the CLI runner, safe file loading, hashing, atomic writes,
-checks of numbers and output paths made before any slow work.
+"""Plumbing every script shares, written once: the CLI runner, safe file loading, hashing, atomic
+writes, checks of numbers and output paths made before any slow work.
 
 Every write goes to a temporary file in the destination's folder and is renamed over it, so a crash,
 a kill or a full disk never leaves half a file where the old one was, and a failed write removes its
@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error (the usage is one --help away) and config files: `@FILE` reads
-    flags from FILE, whitespace-separated, `#` starting a comment (the runs the docs cite: config/)."""
+    flags from FILE, whitespace-separated, `#` starting a comment (the runs the docs cite:
+    config/)."""
 
     def __init__(self, *args, **kw):
         super().__init__(*args, fromfile_prefix_chars="@", **kw)
@@ -37,8 +38,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def run_cli(main):
-    """A script's entry point: expected errors (bad input, missing or unreadable files) become one line
-    on stderr and exit code 2, not a traceback."""
+    """A script's entry point: expected errors (bad input, missing or unreadable files) become one
+    line on stderr and exit code 2, not a traceback."""
     try:
         main()
     except BrokenPipeError:  # `python x.py | head`: the reader left, nothing to report
@@ -56,8 +57,9 @@ def run_cli(main):
 
 
 def load_file(path, what="checkpoint", allow=()):
-    """torch.load(weights_only=True) on the CPU, with a readable error for a missing or corrupt file;
-    `allow`: classes the file may hold besides tensors and plain data (e.g. argparse.Namespace)."""
+    """torch.load(weights_only=True) on the CPU, with a readable error for a missing or corrupt
+    file; `allow`: classes the file may hold besides tensors and plain data (e.g.
+    argparse.Namespace)."""
     try:
         with torch.serialization.safe_globals(list(allow)):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -65,7 +67,8 @@ def load_file(path, what="checkpoint", allow=()):
         raise FileNotFoundError(f"{what} not found: {path}") from None
     except IsADirectoryError:
         raise ValueError(f"{what} {path} is a folder, not a file") from None
-    except Exception as e:  # torch raises many kinds for a damaged file (RuntimeError, IndexError, ...)
+    # torch raises many kinds for a damaged file (RuntimeError, IndexError, ...)
+    except Exception as e:
         why = "truncated or empty" if isinstance(e, EOFError) else (
             "holds objects other than tensors and plain data" if isinstance(e, pickle.UnpicklingError)
             else "corrupt or not a torch file")
@@ -110,7 +113,8 @@ def check_device(name):
 
 @contextlib.contextmanager
 def atomic_path(path):
-    """Yields a temporary path beside `path`; on success it is renamed over `path`, on failure removed."""
+    """Yields a temporary path beside `path`; on success it is renamed over `path`, on failure
+    removed."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
     os.close(fd)
@@ -151,7 +155,8 @@ def number(kind=float, lo=None, hi=None, above=None):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not "
+                                             f"{'an integer' if kind is int else 'a number'}")
         if kind is float and not math.isfinite(x):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if kind is int and not -2 ** 63 <= x < 2 ** 63:
@@ -159,7 +164,8 @@ def number(kind=float, lo=None, hi=None, above=None):
         if (lo is not None and x < lo) or (hi is not None and x > hi) or (above is not None and x <= above):
             rng = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
                    f"> {above}" if above is not None else ""]
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(r for r in rng if r)}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be "
+                                             f"{' and '.join(r for r in rng if r)}")
         return x
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -169,12 +175,13 @@ POSITIVE = number(int, lo=1)
 
 
 def shipped_files(root=ROOT):
-    """Real paths of the files under checkpoints/ that the project ships (git's tracked files; without
-    git, every file there): outputs never replace them without --force."""
+    """Real paths of the files under checkpoints/ that the project ships (git's tracked files;
+    without git, every file there): outputs never replace them without --force."""
     folder = os.path.join(root, "checkpoints")
     files = None
     try:
-        ls = subprocess.run(["git", "ls-files", "checkpoints"], cwd=root, capture_output=True, text=True)
+        ls = subprocess.run(["git", "ls-files", "checkpoints"], cwd=root, capture_output=True,
+                            text=True)
         if ls.returncode == 0 and ls.stdout.strip():
             files = [os.path.join(root, f) for f in ls.stdout.split()]
     except OSError:
@@ -196,12 +203,14 @@ def check_output(path, inputs=(), flag="--out", force=False):
         if i and os.path.exists(i) and os.path.realpath(i) == real:
             raise ValueError(f"{flag} {path} is also this run's input; choose another path")
     if not force and os.path.exists(real) and real in shipped_files():
-        raise ValueError(f"{flag} {path} would replace a shipped file; choose another path (or add --force)")
+        raise ValueError(f"{flag} {path} would replace a shipped file; choose another path (or add "
+                         f"--force)")
     folder = os.path.dirname(real)
     if not os.path.isdir(folder):
         raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or '.'} does not exist")
     if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or '.'} is not writable")
+        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or '.'} is not "
+                         f"writable")
 
 
 if __name__ == "__main__":

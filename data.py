@@ -13,7 +13,8 @@ import common
 import dit
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
-CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+           "Bag", "Ankle boot"]
 FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
          "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -49,7 +50,8 @@ def write_idx(path, arr):
 
 
 def load(split="train", data_dir=None):
-    """(images, labels): images float32 (N, 1, 32, 32) in [-1, 1], zero-padded 28 -> 32; labels int64."""
+    """(images, labels): images float32 (N, 1, 32, 32) in [-1, 1], zero-padded 28 -> 32; labels
+    int64."""
     if split not in FILES:
         raise ValueError(f"unknown split {split!r}; choose train or test")
     data_dir = data_dir or os.environ.get("FASHION_MNIST_DIR", DATA_DIR)
@@ -57,10 +59,12 @@ def load(split="train", data_dir=None):
     for p in paths:
         if not os.path.exists(p):
             raise FileNotFoundError(f"Fashion-MNIST not found at {p}: install Debian's package "
-                                    f"'dataset-fashion-mnist' (sudo apt-get install dataset-fashion-mnist)")
+                                    f"'dataset-fashion-mnist' (sudo apt-get install "
+                                    f"dataset-fashion-mnist)")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"unexpected Fashion-MNIST shapes: images {images.shape}, labels {labels.shape}")
+        raise ValueError(f"unexpected Fashion-MNIST shapes: images {images.shape}, labels "
+                         f"{labels.shape}")
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)  # (N, 1, 28, 28)
     pad = (32 - x.shape[-1]) // 2
     x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)  # background is black (-1)
@@ -74,7 +78,8 @@ def to_uint8(x):
 
 def main():
     ap = common.Parser(description="Read Fashion-MNIST and print what the model will see.")
-    ap.add_argument("--data-dir", default=None, help=f"folder with the gz IDX files (default {DATA_DIR})")
+    ap.add_argument("--data-dir", default=None, help=f"folder with the gz IDX files (default "
+                                                     f"{DATA_DIR})")
     args = ap.parse_args()
     for split in ("train", "test"):
         x, y = load(split, args.data_dir)

@@ -43,18 +43,20 @@ class Diffusion:
     def __init__(self, betas, timestep_map=None):
         self.betas = np.asarray(betas, dtype=np.float64)
         self.num_timesteps = len(self.betas)
-        self.timestep_map = np.arange(self.num_timesteps) if timestep_map is None else np.asarray(timestep_map)
+        self.timestep_map = (np.arange(self.num_timesteps) if timestep_map is None
+                             else np.asarray(timestep_map))
         a = 1.0 - self.betas
         self.alphas_cumprod = np.cumprod(a)
         self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
         self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
         self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
         # q(x_{t-1} | x_t, x_0)
-        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        one_minus = 1.0 - self.alphas_cumprod
+        self.posterior_variance = self.betas * (1.0 - self.alphas_cumprod_prev) / one_minus
         pv1 = self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0]
         self.posterior_log_variance_clipped = np.log(np.append(pv1, self.posterior_variance[1:]))
-        self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(a) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef1 = self.betas * np.sqrt(self.alphas_cumprod_prev) / one_minus
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(a) / one_minus
 
     @classmethod
     def make(cls, num_timesteps=1000, steps=None):
@@ -85,23 +87,27 @@ class Diffusion:
         # end exercise q_sample
 
     def loss(self, model, x0, y, t=None, noise=None):
-        """ε-prediction MSE. With learn_sigma the ε half is trained (DiT adds a VB term; we don't)."""
+        """ε-prediction MSE. With learn_sigma the ε half is trained (DiT adds a VB term; we
+        don't)."""
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        out = model(self.q_sample(x0, t, noise), torch.as_tensor(self.timestep_map, device=x0.device)[t], y)
+        out = model(self.q_sample(x0, t, noise),
+                    torch.as_tensor(self.timestep_map, device=x0.device)[t], y)
         return F.mse_loss(out[:, : x0.shape[1]].float(), noise)
 
     # --- sampling ---------------------------------------------------------------------------
     def _eps_x0(self, model_fn, x, t, clip):
-        """The model's ε, the x̂_0 it implies (clipped to [-1, 1] for pixels), and ε re-derived from that
-        x̂_0, always, as the official DDIM step does (on the latent path too, where nothing is clipped:
+        """The model's ε, the x̂_0 it implies (clipped to [-1, 1] for pixels), and ε re-derived
+        from that x̂_0, always, as the official DDIM step does (on the latent path too, where
+        nothing is clipped:
         the round trip is not the identity in float32)."""
         out = model_fn(x, torch.as_tensor(self.timestep_map, device=x.device)[t])
         C = x.shape[1]
         eps, rest = out[:, :C], out[:, C:]
-        recip, recipm1 = self._at(np.sqrt(1.0 / self.alphas_cumprod), t, x), self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), t, x)
+        recip = self._at(np.sqrt(1.0 / self.alphas_cumprod), t, x)
+        recipm1 = self._at(np.sqrt(1.0 / self.alphas_cumprod - 1), t, x)
         x0 = recip * x - recipm1 * eps
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -119,31 +125,38 @@ class Diffusion:
         # end exercise ddim_step
         if i == 0 or eta == 0:
             return mean
-        return mean + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return mean + sigma * torch.randn(x.shape, generator=generator, device=x.device,
+                                          dtype=x.dtype)
 
     def ddpm_step(self, model_fn, x, i, clip=True, generator=None):
         t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
         eps, x0, rest = self._eps_x0(model_fn, x, t, clip)
-        mean = self._at(self.posterior_mean_coef1, t, x) * x0 + self._at(self.posterior_mean_coef2, t, x) * x
+        mean = (self._at(self.posterior_mean_coef1, t, x) * x0
+                + self._at(self.posterior_mean_coef2, t, x) * x)
         if rest.shape[1] == x.shape[1]:  # learn_sigma: interpolate between β and posterior variance
             lo = self._at(self.posterior_log_variance_clipped, t, x)
             hi = self._at(np.log(self.betas), t, x)
             frac = (rest + 1) / 2
             log_var = frac * hi + (1 - frac) * lo
         else:  # fixed-large variance, as DiT without learn_sigma
-            big = np.append(self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0], self.betas[1:])
+            big = np.append(self.posterior_variance[1] if self.num_timesteps > 1 else self.betas[0],
+                            self.betas[1:])
             log_var = self._at(np.log(big), t, x)
         if i == 0:
             return mean
-        return mean + torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return mean + torch.exp(0.5 * log_var) * torch.randn(x.shape, generator=generator,
+                                                             device=x.device, dtype=x.dtype)
 
     @torch.no_grad()
-    def sample(self, model_fn, noise, sampler="ddim", eta=0.0, clip=True, generator=None, progress=False):
-        """Runs the reverse process from `noise` (= x_T) to x_0 over every step of this diffusion."""
+    def sample(self, model_fn, noise, sampler="ddim", eta=0.0, clip=True, generator=None,
+               progress=False):
+        """Runs the reverse process from `noise` (= x_T) to x_0 over every step of this
+        diffusion."""
         if sampler not in ("ddim", "ddpm"):
             raise ValueError(f"unknown sampler {sampler!r}; choose ddim or ddpm")
         x = noise
-        for i in tqdm(range(self.num_timesteps)[::-1], disable=not progress, desc=sampler, leave=False):
+        for i in tqdm(range(self.num_timesteps)[::-1], disable=not progress, desc=sampler,
+                      leave=False):
             if sampler == "ddim":
                 x = self.ddim_step(model_fn, x, i, eta, clip, generator)
             else:
@@ -166,7 +179,8 @@ def guided(model, y, cfg_scale, guide_channels=3):
     null = torch.full_like(y, model.num_classes)
 
     def fn(x, t):
-        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]), cfg_scale, guide_channels)
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
+                                     cfg_scale, guide_channels)
         return out[: len(x)]
     return fn
 
@@ -183,32 +197,52 @@ def make_noise(n, model, seed):
     return torch.randn(n, model.in_channels, size, size, generator=g)  # (N, C, H, W)
 
 
+def sample_states(model, n=8, steps=8, cfg_scale=4.0, seed=1234):
+    """The sampler's states (x_t, t, y) along the model's own DDIM trajectories, one batch per
+    step."""
+    diffusion = Diffusion.make(steps=steps)
+    device = next(model.parameters()).device
+    y = class_labels(n, list(range(model.num_classes))).to(device)
+    x, fn, out = make_noise(n, model, seed).to(device), guided(model, y, cfg_scale), []
+    for i in range(steps)[::-1]:
+        out.append((x, torch.full((n,), int(diffusion.timestep_map[i]), device=device), y))
+        x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)
+    return out
+
+
 def lesson_image(data_dir=None):
-    """A real training image (Fashion-MNIST, if installed) or else one DDIM sample of the shipped model."""
+    """A real training image (Fashion-MNIST, if installed) or else one DDIM sample of the shipped
+    model."""
     try:
-        return data.load("train", data_dir)[0][:1].float(), "Fashion-MNIST training image 0"  # (1, 1, 32, 32)
+        # (1, 1, 32, 32)
+        return data.load("train", data_dir)[0][:1].float(), "Fashion-MNIST training image 0"
     except FileNotFoundError:
         if not os.path.exists(dit.DEFAULT_CKPT):
             raise
         model = dit.load_checkpoint(dit.DEFAULT_CKPT)[0]
-        x = Diffusion.make(steps=25).sample(guided(model, torch.tensor([0]), 4.0), make_noise(1, model, 0))
+        x = Diffusion.make(steps=25).sample(guided(model, torch.tensor([0]), 4.0),
+                                            make_noise(1, model, 0))
         return x, "a DDIM sample of the shipped model (data set not installed)"
 
 
 def main():
-    ap = common.Parser(description="Lesson: a real image noised by q_sample at several t, the schedule's "
-                                             "ᾱ_t and signal-to-noise ratio, and a respaced set of timesteps.")
+    ap = common.Parser(description="Lesson: a real image noised by q_sample at several t, the "
+                                   "schedule's "
+                                             "ᾱ_t and signal-to-noise ratio, and a respaced set of "
+                                             "timesteps.")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps to respace to")
     ap.add_argument("--out", default="runs/lessons/noising.png", help="the PNG strip of x_t")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
     args = ap.parse_args()
     d = Diffusion.make()
-    print(f"betas {d.betas[0]:.2e} -> {d.betas[-1]:.2e}; alpha_bar {d.alphas_cumprod[0]:.6f} -> {d.alphas_cumprod[-1]:.3e}")
+    print(f"betas {d.betas[0]:.2e} -> {d.betas[-1]:.2e}; alpha_bar {d.alphas_cumprod[0]:.6f} -> "
+          f"{d.alphas_cumprod[-1]:.3e}")
     x0, src = lesson_image(args.data_dir)
     ts = [0, 50, 100, 250, 500, 750, 999]
     eps = torch.randn(len(ts), *x0.shape[1:], generator=torch.Generator().manual_seed(0))
     xt = d.q_sample(x0.expand(len(ts), -1, -1, -1), torch.tensor(ts), eps)  # (len(ts), C, H, W)
-    print(f"x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε of {src}:\n{'t':>5s} {'ᾱ_t':>9s} {'SNR (dB)':>9s} {'corr(x_t, x0)':>14s}")
+    print(f"x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε of {src}:\n{'t':>5s} {'ᾱ_t':>9s} {'SNR (dB)':>9s} "
+          f"{'corr(x_t, x0)':>14s}")
     for i, t in enumerate(ts):
         a = d.alphas_cumprod[t]
         corr = torch.corrcoef(torch.stack([xt[i].flatten(), x0[0].flatten()]))[0, 1]

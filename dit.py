@@ -34,7 +34,8 @@ class PatchEmbed(nn.Module):
         self.patch_size = (patch_size, patch_size)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size,
+                              bias=bias)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, T, D)
@@ -54,9 +55,11 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t, dim, max_period=10000):
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+        exponents = torch.arange(half, dtype=torch.float32) / half
+        freqs = torch.exp(-math.log(max_period) * exponents).to(t.device)
         args = t[:, None].float() * freqs[None]  # (N, half)
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # important! cos first, as official
+        # important! cos first, as official
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
         return emb
@@ -130,11 +133,13 @@ class DiTBlock(nn.Module):
         self.attn = Attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c):
         # important! chunk order is shift, scale, gate for attention, then the same for the MLP
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        mod = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x  # (N, T, D)
@@ -146,7 +151,8 @@ class FinalLayer(nn.Module):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(),
+                                              nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
@@ -156,7 +162,8 @@ class FinalLayer(nn.Module):
 class DiT(nn.Module):
     """Diffusion model with a Transformer backbone."""
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
-                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
+                 num_heads=16, mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000,
+                     learn_sigma=True):
         super().__init__()
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
@@ -171,7 +178,8 @@ class DiT(nn.Module):
         num_patches = self.x_embedder.num_patches
         # Fixed sin-cos embedding, a buffer-like parameter (official keeps it in the state dict).
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio)
+                                     for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
@@ -183,7 +191,8 @@ class DiT(nn.Module):
                     nn.init.constant_(module.bias, 0)
         self.apply(_basic_init)
 
-        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], int(self.x_embedder.num_patches ** 0.5))
+        pos = get_2d_sincos_pos_embed(self.pos_embed.shape[-1],
+                                      int(self.x_embedder.num_patches ** 0.5))
         self.pos_embed.data.copy_(torch.from_numpy(pos).float().unsqueeze(0))
 
         w = self.x_embedder.proj.weight.data  # patch embed like nn.Linear (not nn.Conv2d)
@@ -281,7 +290,8 @@ TINY_DEFAULTS = dict(input_size=32, in_channels=1, num_classes=10, learn_sigma=F
 
 
 def DiT_T_4(**kw):
-    return DiT(**{"depth": 6, "hidden_size": 192, "patch_size": 4, "num_heads": 3, **TINY_DEFAULTS, **kw})
+    return DiT(**{"depth": 6, "hidden_size": 192, "patch_size": 4, "num_heads": 3, **TINY_DEFAULTS,
+                  **kw})
 
 
 DiT_models = {
@@ -326,10 +336,12 @@ def load_state_dict_checked(model, sd, source="checkpoint"):
 def load_official(path, config="DiT-XL/2", image_size=256):
     """A facebookresearch/DiT checkpoint -> model (ImageNet: latent input_size = image_size / 8).
 
-    Accepts the released bare state dicts (DiT-XL-2-256x256.pt) and train.py's dicts ({"model", "ema",
-    ...}: the EMA weights are taken, as the official sample.py does). Every key and shape is checked.
+    Accepts the released bare state dicts (DiT-XL-2-256x256.pt) and train.py's dicts ({"model",
+    "ema", ...}: the EMA weights are taken, as the official sample.py does). Every key and shape is
+    checked.
     """
-    sd = common.load_file(path, "official checkpoint", allow=(argparse.Namespace,))  # train.py's "args"
+    # train.py's "args"
+    sd = common.load_file(path, "official checkpoint", allow=(argparse.Namespace,))
     if isinstance(sd, dict) and isinstance(sd.get("ema"), dict):
         sd = sd["ema"]
     elif isinstance(sd, dict) and isinstance(sd.get("model"), dict):
@@ -346,7 +358,8 @@ def load_official(path, config="DiT-XL/2", image_size=256):
 def save_checkpoint(path, model, config, **extra):
     """Saves our own checkpoint: half-precision weights + the config that rebuilds the model."""
     sd = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    common.atomic_save({"model": sd, "config": dict(config), **extra}, path)  # a crash never leaves half a file
+    # a crash never leaves half a file
+    common.atomic_save({"model": sd, "config": dict(config), **extra}, path)
 
 
 def load_checkpoint(path):
@@ -355,7 +368,8 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a dit4bit checkpoint (needs 'model' and 'config' entries)")
     if "recipe" in ckpt:
-        raise ValueError(f"{path} holds an already-quantized model ({ckpt['recipe'].get('method')}); "
+        raise ValueError(f"{path} holds an already-quantized model "
+                         f"({ckpt['recipe'].get('method')}); "
                          f"pass the full-precision checkpoint")
     cfg = dict(ckpt["config"])
     model = build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
@@ -369,7 +383,8 @@ def count_params(model):
 
 
 def main():
-    ap = common.Parser(description="Print every DiT config's parameter count and the tiny model's summary.")
+    ap = common.Parser(description="Print every DiT config's parameter count and the tiny model's "
+                                   "summary.")
     ap.add_argument("--model", default=None, help="only this config")
     args = ap.parse_args()
     names = [args.model] if args.model else list(DiT_models)
@@ -387,11 +402,13 @@ def main():
 
 @torch.no_grad()
 def shape_walk(path=DEFAULT_CKPT):
-    """Lesson: the tensor shapes through one forward of the shipped tiny model (random init if absent)."""
+    """Lesson: the tensor shapes through one forward of the shipped tiny model (random init if
+    absent)."""
     m = load_checkpoint(path)[0] if os.path.exists(path) else build(TINY)
     src = path if os.path.exists(path) else "random init"
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([999, 500]), torch.tensor([0, 9])
-    print(f"\n{TINY} ({src}): {count_params(m):,d} params, {m.x_embedder.num_patches} tokens of width "
+    print(f"\n{TINY} ({src}): {count_params(m):,d} params, {m.x_embedder.num_patches} tokens of "
+          f"width "
           f"{m.pos_embed.shape[-1]}; one forward, batch 2:")
     h = m.x_embedder(x) + m.pos_embed  # (N, T, D)
     c = m.t_embedder(t) + m.y_embedder(y, False)  # (N, D): the condition every block's adaLN reads

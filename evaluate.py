@@ -44,7 +44,8 @@ class Classifier(nn.Module):
     def __init__(self, feat_dim=128):
         super().__init__()
         def stage(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout),
+                                 nn.ReLU(), nn.MaxPool2d(2))
         self.convs = nn.Sequential(stage(1, 32), stage(32, 64), stage(64, 128))  # 32 -> 4
         self.fc = nn.Linear(128 * 4 * 4, feat_dim)
         self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feat_dim, 10))
@@ -139,7 +140,8 @@ def fd_of(f, ref):
 
 
 def fd_standard_error(f, ref, rounds=20, seed=0):
-    """The spread of FD over bootstrap resamples of the samples' features (their standard deviation)."""
+    """The spread of FD over bootstrap resamples of the samples' features (their standard
+    deviation)."""
     g = torch.Generator().manual_seed(seed)
     fds = [fd_of(f[torch.randint(0, len(f), (len(f),), generator=g)], ref) for _ in range(rounds)]
     return float(np.std(fds))
@@ -157,13 +159,15 @@ def precision_recall(real, fake, k=3):
 
 
 def score(images, labels, clf, ref, ref_images=None, seed=0):
-    """All metrics for one set of samples -> dict. P/R use an equal-size subset of the test features."""
+    """All metrics for one set of samples -> dict. P/R use an equal-size subset of the test
+    features."""
     f, logits = features_and_logits(clf, images.float())
     n = len(f)
     sub = ref["feats"][torch.randperm(len(ref["feats"]), generator=torch.Generator().manual_seed(seed))[:n]]
     prec, rec = precision_recall(sub.double(), f)
     out = {"n": n, "fd": fd_of(f, ref), "fd_se": fd_standard_error(f, ref, seed=seed),
-           "acc": (logits.argmax(1) == labels).float().mean().item(), "precision": prec, "recall": rec}
+           "acc": (logits.argmax(1) == labels).float().mean().item(), "precision": prec,
+               "recall": rec}
     if ref_images is not None:
         out["psnr"] = psnr(images, ref_images)
     return out
@@ -185,8 +189,10 @@ def sample_all(model, labels, steps, cfg_scale, seed):
     return torch.cat([p for p in parts if p is not None])
 
 
-def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLASSIFIER, ref_images=None):
-    """Samples n images (balanced classes, fixed noise) and scores them -> (metrics, images, labels)."""
+def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLASSIFIER,
+                   ref_images=None):
+    """Samples n images (balanced classes, fixed noise) and scores them -> (metrics, images,
+    labels)."""
     clf, ref, _ = load_classifier(clf_path)
     labels = class_labels(n, list(range(model.num_classes)))
     t0 = time.time()
@@ -196,19 +202,22 @@ def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLAS
     return metrics, images, labels
 
 
-HEADER = ("| model | path | CFG | n | FD ↓ (± s.e.) | class acc % ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | "
+HEADER = ("| model | path | CFG | n | FD ↓ (± s.e.) | class acc % ↑ | precision ↑ | recall ↑ | "
+          "PSNR vs FP (dB) | "
           "calib (s) | sampling (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(name, path, cfg_scale, m, calib="-"):
     ps = f"{m['psnr']:.2f}" if "psnr" in m else "-"
-    return (f"| {name} | {path} | {cfg_scale:g} | {m['n']} | {m['fd']:.2f} ± {m['fd_se']:.2f} | {100 * m['acc']:.1f} | "
+    return (f"| {name} | {path} | {cfg_scale:g} | {m['n']} | {m['fd']:.2f} ± {m['fd_se']:.2f} | "
+            f"{100 * m['acc']:.1f} | "
             f"{m['precision']:.3f} | {m['recall']:.3f} | {ps} | {calib} | {m['sample_s']:.0f} |")
 
 
 def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
-    """(name, path, builder) for every row after FP: saved quantized checkpoints (integer), then each
-    setting x method calibrated from the FP checkpoint, on the integer path as `sample.py` runs it
+    """(name, path, builder) for every row after FP: saved quantized checkpoints (integer), then
+    each setting x method calibrated from the FP checkpoint, on the integer path as `sample.py` runs
+    it
     (compiled) unless simulate. A builder returns (model, calibration seconds or None)."""
     for p in qckpts:
         def load(p=p):
@@ -231,10 +240,11 @@ def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
             yield f"{setting.upper()} {method}", "simulated" if simulate else "integer", build
 
 
-def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device="cpu", qckpts=(), simulate=False,
+def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device="cpu", qckpts=(),
+          simulate=False,
           compile="auto"):
-    """The method x bits table, at each CFG scale: every row from the same noise and labels, PSNR against
-    the FP model's samples, and each row says which path ran it."""
+    """The method x bits table, at each CFG scale: every row from the same noise and labels, PSNR
+    against the FP model's samples, and each row says which path ran it."""
     lines = [HEADER]
 
     def emit(line):
@@ -250,7 +260,8 @@ def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device=
         emit(row("FP32", "fp32 (eager)", cfg_scale, m))
         for name, path, build in rows:
             model, seconds = build()
-            m, _, _ = evaluate_model(model.to(device), n, steps, cfg_scale, seed, ref_images=ref_images)
+            m, _, _ = evaluate_model(model.to(device), n, steps, cfg_scale, seed,
+                                     ref_images=ref_images)
             emit(row(name, path, cfg_scale, m, "-" if seconds is None else f"{seconds:.0f}"))
     return lines
 
@@ -264,38 +275,52 @@ def parse_list(text, kind, allowed=None, cast=str):
 
 
 def main(argv=None):
-    ap = common.Parser(description="Score generated Fashion-MNIST samples with our classifier's features.")
+    ap = common.Parser(description="Score generated Fashion-MNIST samples with our classifier's "
+                                   "features.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     shared = common.Parser(add_help=False)
     shared.add_argument("--ckpt", default=DEFAULT_CKPT, help="FP DiT checkpoint")
     shared.add_argument("--n", "--samples", dest="n", type=common.number(int, 4), default=None,
-                        help="samples per row (table: 100, the fast screen; else 1000); under torchrun write "
+                        help="samples per row (table: 100, the fast screen; else 1000); under "
+                             "torchrun write "
                              "--samples: torchrun's own parser swallows --n")
     shared.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="DDIM steps")
-    shared.add_argument("--seed", type=common.number(int, 0), default=0, help="noise seed (the rows share it)")
+    shared.add_argument("--seed", type=common.number(int, 0), default=0, help="noise seed (the "
+                                                                              "rows share it)")
     shared.add_argument("--classifier", default=CLASSIFIER)
-    shared.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier runs on the CPU)")
-    t = sub.add_parser("table", parents=[shared], help="FP and quantized rows at each CFG scale, same noise")
-    t.add_argument("--cfg", default="1.5", help="CFG scales, comma-separated (1.5: the papers' metric; 4.0: the "
+    shared.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier "
+                                                        "runs on the CPU)")
+    t = sub.add_parser("table", parents=[shared], help="FP and quantized rows at each CFG scale, "
+                                                       "same noise")
+    t.add_argument("--cfg", default="1.5", help="CFG scales, comma-separated (1.5: the papers' "
+                                                "metric; 4.0: the "
                    "main job's pictures)")
     t.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings")
-    t.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas", help="PTQ recipes "
+    t.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas",
+                   help="PTQ recipes "
                    "(see calibrate.py; METHOD+a8 for mixed precision)")
-    t.add_argument("--qckpt", nargs="+", default=[], help="also score these saved quantized checkpoints")
-    t.add_argument("--simulate", action="store_true", help="calibrated rows in fake-quant simulation instead of "
+    t.add_argument("--qckpt", nargs="+", default=[], help="also score these saved quantized "
+                                                          "checkpoints")
+    t.add_argument("--simulate", action="store_true", help="calibrated rows in fake-quant "
+                                                           "simulation instead of "
                    "the integer path")
-    t.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile the integer rows "
+    t.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile "
+                                                                                    "the integer "
+                                                                                    "rows "
                    "(as sample.py; auto: where a C++ compiler is present)")
     t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
     f = sub.add_parser("fp", parents=[shared], help="the FP model alone")
     f.add_argument("--cfg", type=common.number(float, 0, 100), default=1.5, help="CFG scale")
-    sub.add_parser("floor", parents=[shared], help="n real training images vs the test set (the FD floor)")
+    sub.add_parser("floor", parents=[shared], help="n real training images vs the test set (the FD "
+                                                   "floor)")
     z = sub.add_parser("npz", parents=[shared], help="score samples written by sample.py --npz")
     z.add_argument("path")
-    c = sub.add_parser("train-classifier", parents=[shared], help="train the classifier and save it with test stats")
+    c = sub.add_parser("train-classifier", parents=[shared], help="train the classifier and save "
+                                                                  "it with test stats")
     c.add_argument("--epochs", type=common.POSITIVE, default=6)
     c.add_argument("--data-dir", default=None)
-    c.add_argument("--out", required=True, help=f"the classifier file to write (the shipped one, {CLASSIFIER}, "
+    c.add_argument("--out", required=True, help=f"the classifier file to write (the shipped one, "
+                                                f"{CLASSIFIER}, "
                    "only with --force)")
     c.add_argument("--force", action="store_true", help="let --out replace the shipped classifier")
     for p in (sub.choices["floor"], sub.choices["npz"]):
@@ -309,14 +334,16 @@ def main(argv=None):
     if args.n is None:
         args.n = 100 if args.cmd == "table" else 1000
     if args.n < 4:
-        raise ValueError(f"--n must be at least 4 (precision/recall's 3-nearest neighbours), got {args.n}")
+        raise ValueError(f"--n must be at least 4 (precision/recall's 3-nearest neighbours), got "
+                         f"{args.n}")
     integer.kernels.tune_allocator()
 
     if args.cmd == "train-classifier":
         t0 = time.time()
         clf, acc = train_classifier(args.epochs, args.seed, args.data_dir)
         save_classifier(clf, acc, args.out, args.data_dir)
-        print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs ({time.time() - t0:.0f} s) "
+        print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs "
+              f"({time.time() - t0:.0f} s) "
               f"-> {args.out}")
         return
     if args.cmd == "table":
@@ -327,7 +354,8 @@ def main(argv=None):
             if not os.path.exists(p):
                 raise FileNotFoundError(f"--qckpt {p}: no such file")
         t0 = time.time()
-        table(args.ckpt, args.n, args.steps, cfgs, args.seed, settings, methods, args.out, device, args.qckpt,
+        table(args.ckpt, args.n, args.steps, cfgs, args.seed, settings, methods, args.out, device,
+              args.qckpt,
               args.simulate, args.compile)
         print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, seed {args.seed})")
         return
@@ -338,7 +366,8 @@ def main(argv=None):
     if args.cmd == "floor":
         x, y = data.load("train", args.data_dir)
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.n]
-        print(row("real training images (the floor)", "-", 0, dict(score(x[idx], y[idx], clf, ref, seed=args.seed),
+        print(row("real training images (the floor)", "-", 0,
+                  dict(score(x[idx], y[idx], clf, ref, seed=args.seed),
                                                                     sample_s=0)))
         return
     if args.cmd == "npz":
@@ -346,21 +375,25 @@ def main(argv=None):
             z = np.load(args.path, allow_pickle=False)
             arr, labels = z["arr_0"], z["labels"]
         except (OSError, ValueError, KeyError, EOFError, TypeError):
-            raise ValueError(f"{args.path} is not an npz of sample.py --npz (arr_0 uint8 NHWC and labels)") from None
+            raise ValueError(f"{args.path} is not an npz of sample.py --npz (arr_0 uint8 NHWC and "
+                             f"labels)") from None
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or labels.shape != arr.shape[:1] \
                 or len(arr) < 4:
-            raise ValueError(f"{args.path}: arr_0 {arr.dtype} {arr.shape} with labels {labels.shape}; wanted "
+            raise ValueError(f"{args.path}: arr_0 {arr.dtype} {arr.shape} with labels "
+                             f"{labels.shape}; wanted "
                              "uint8 (N >= 4, H, W, 1 or 3) and N labels")
         z = {"arr_0": arr, "labels": labels}
         x = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        print(row(args.path, "-", 0, dict(score(x, torch.from_numpy(z["labels"]).long(), clf, ref, seed=args.seed),
+        print(row(args.path, "-", 0,
+                  dict(score(x, torch.from_numpy(z["labels"]).long(), clf, ref, seed=args.seed),
                                           sample_s=0)))
         return
     import torch.distributed as dist
     if "RANK" in os.environ:  # torchrun: the samples are split over the processes (gloo, CPU)
         dist.init_process_group("gloo")
     model, cfg = dit.load_checkpoint(args.ckpt)
-    m, _, _ = evaluate_model(model.to(device), args.n, args.steps, args.cfg, args.seed, args.classifier)
+    m, _, _ = evaluate_model(model.to(device), args.n, args.steps, args.cfg, args.seed,
+                             args.classifier)
     if rank0:
         print(row(f"{cfg['model']} FP32, DDIM {args.steps}", "fp32 (eager)", args.cfg, m))
     if dist.is_initialized():

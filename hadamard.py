@@ -33,7 +33,8 @@ def _is_prime(q):
 def _jacobsthal(q):
     """Q[i, j] = χ(j - i), χ the quadratic character mod prime q (Legendre symbol)."""
     chi = [0] + [1 if pow(a, (q - 1) // 2, q) == 1 else -1 for a in range(1, q)]
-    return torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)], dtype=torch.float64)
+    return torch.tensor([[chi[(j - i) % q] for j in range(q)] for i in range(q)],
+                        dtype=torch.float64)
 
 
 def paley1(q):
@@ -47,7 +48,8 @@ def paley1(q):
 
 
 def paley2(q):
-    """Order 2(q+1) for prime q ≡ 1 (mod 4): C ⊗ [[1,1],[1,-1]] + I ⊗ [[1,-1],[-1,-1]], C symmetric."""
+    """Order 2(q+1) for prime q ≡ 1 (mod 4): C ⊗ [[1,1],[1,-1]] + I ⊗ [[1,-1],[-1,-1]], C
+    symmetric."""
     assert _is_prime(q) and q % 4 == 1
     C = torch.zeros(q + 1, q + 1, dtype=torch.float64)
     C[0, 1:], C[1:, 0], C[1:, 1:] = 1, 1, _jacobsthal(q)
@@ -121,7 +123,8 @@ def _apply_sylvester(y, m):
         return y @ _sylvester_cached(m).to(y.dtype).to(y.device)
     m1 = 2 ** (int(math.log2(m)) // 2)
     m2 = m // m1
-    z = y.reshape(*y.shape[:-1], m1, m2) @ _sylvester_cached(m2).to(y.dtype).to(y.device)  # along m2
+    # along m2
+    z = y.reshape(*y.shape[:-1], m1, m2) @ _sylvester_cached(m2).to(y.dtype).to(y.device)
     z = _sylvester_cached(m1).to(y.dtype).to(y.device) @ z  # along m1
     return z.reshape(y.shape)
 
@@ -180,7 +183,8 @@ def fake_quant_tokens(x, bits=4):
 
 def main():
     ap = common.Parser(description="Show what a Hadamard transform does to activation outliers.")
-    ap.add_argument("--width", type=int, default=192, help="channels (default 192 = 12·16, the tiny DiT)")
+    ap.add_argument("--width", type=int, default=192, help="channels (default 192 = 12·16, the "
+                                                           "tiny DiT)")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -201,7 +205,8 @@ def main():
     for name, v, back in (("raw", x, x), ("Hadamard", y, None)):
         q = fake_quant_tokens(v)
         err = q - v if back is not None else transform(q, inverse=True) - x  # error in x's space
-        print(f"{name:12s} {(v.abs().max() / v.pow(2).mean().sqrt()).item():8.1f} {kurtosis(v):9.1f} "
+        print(f"{name:12s} {(v.abs().max() / v.pow(2).mean().sqrt()).item():8.1f} "
+              f"{kurtosis(v):9.1f} "
               f"{(err.pow(2).sum() / x.pow(2).sum()).item():17.4f}")
 
 

@@ -8,9 +8,10 @@ Because H is orthogonal and s is undone in W̃, the transform is exact: with qua
 layer equals the original nn.Linear. HadaNorm's mean term μ̃ Q_w(W̃)ᵀ reuses the quantized weight,
 so no float copy of W is kept.
 
-Quantizer conventions (docs/design.md): symmetric levels [-2^(b-1), 2^(b-1)-1] with s = max|x| / (2^(b-1)-1),
-asymmetric levels [0, 2^b - 1] with a zero point; granularity per tensor, per row (tokens of x, output
-channels of W) or per group of g along K; range by min-max or by an MSE search over clipping ratios.
+Quantizer conventions (docs/design.md): symmetric levels [-2^(b-1), 2^(b-1)-1] with s = max|x| /
+(2^(b-1)-1), asymmetric levels [0, 2^b - 1] with a zero point; granularity per tensor, per row
+(tokens of x, output channels of W) or per group of g along K; range by min-max or by an MSE search
+over clipping ratios.
 
     python quant.py          # quantization error of one random layer under each setting
 """
@@ -24,7 +25,8 @@ import common
 import dit
 import hadamard
 
-QUANT_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")  # per block; everything else stays float
+# per block; everything else stays float
+QUANT_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 #################################################################################
@@ -40,8 +42,10 @@ class QConfig:
     group_size: int = 128
     range: str = "minmax"  # "minmax" | "mse" (search of the clipping ratio)
     dynamic: bool = True  # activations: scale from the tensor at run time, or calibrated (static)
-    buckets: int = 1  # static: one scale per timestep bucket (1 = one for all steps); clip: one ratio per bucket
-    clip: bool = False  # dynamic per-token: step = ratio_bucket · max|x_token| / qmax, the ratio learnable (QAT)
+    # static: one scale per timestep bucket (1 = one for all steps); clip: one ratio per bucket
+    buckets: int = 1
+    # dynamic per-token: step = ratio_bucket · max|x_token| / qmax, the ratio learnable (QAT)
+    clip: bool = False
 
     def __post_init__(self):
         if not 2 <= self.bits <= 8:
@@ -51,9 +55,11 @@ class QConfig:
         if self.range not in ("minmax", "mse"):
             raise ValueError(f"unknown range method {self.range!r}")
         if not self.dynamic and not (self.symmetric and self.granularity == "tensor"):
-            raise ValueError("static activation scales are symmetric and per tensor (per timestep bucket)")
+            raise ValueError("static activation scales are symmetric and per tensor (per timestep "
+                             "bucket)")
         if self.clip and not (self.dynamic and self.symmetric and self.granularity == "row"):
-            raise ValueError("a learnable clipping ratio is for dynamic symmetric per-token activations")
+            raise ValueError("a learnable clipping ratio is for dynamic symmetric per-token "
+                             "activations")
 
 
 def levels(cfg):
@@ -181,8 +187,10 @@ def sqnr(ref, x):
 #################################################################################
 
 class QuantLinear(nn.Module):
-    """A linear layer with an exact input transform, weight/activation quantizers and low-rank branch."""
-    def __init__(self, linear, wq=None, aq=None, center="none", scale=None, rotate=False, block=None,
+    """A linear layer with an exact input transform, weight/activation quantizers and low-rank
+    branch."""
+    def __init__(self, linear, wq=None, aq=None, center="none", scale=None, rotate=False,
+                 block=None,
                  signs=None, static_mean=None, single=False):
         super().__init__()
         if single and not rotate:
@@ -193,11 +201,13 @@ class QuantLinear(nn.Module):
             raise ValueError("static centering needs a calibrated mean")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.wq, self.aq, self.center, self.rotate, self.block = wq, aq, center, rotate, block
-        self.single = single  # HQ-DM: quantize x in the Hadamard domain, rotate back, W stays unrotated
+        # HQ-DM: quantize x in the Hadamard domain, rotate back, W stays unrotated
+        self.single = single
         W = linear.weight.detach().float()  # (N, K)
         self.register_buffer("s", None if scale is None else scale.detach().float().clone())
         self.register_buffer("signs", None if signs is None else signs.float())
-        self.register_buffer("mu_static", None if static_mean is None else static_mean.detach().float().clone())
+        self.register_buffer("mu_static",
+                             None if static_mean is None else static_mean.detach().float().clone())
         if self.s is not None:
             # exercise hadanorm: fold the channel scale into W, W diag(s); center and scale x in transform_input
             W = W * self.s  # W diag(s)
@@ -212,9 +222,11 @@ class QuantLinear(nn.Module):
         self.quantize_enabled = True
         self.input_prescaled = False  # DiTAS: x / s already folded into the producing layer
         static = aq is not None and not aq.dynamic
-        self.register_buffer("a_scale", torch.ones(aq.buckets) if static else None)  # per timestep bucket
+        # per timestep bucket
+        self.register_buffer("a_scale", torch.ones(aq.buckets) if static else None)
         clip = aq is not None and aq.clip
-        self.register_buffer("a_clip", torch.ones(aq.buckets) if clip else None)  # 1 = per-token min-max
+        # 1 = per-token min-max
+        self.register_buffer("a_clip", torch.ones(aq.buckets) if clip else None)
         self.t_bucket = None  # (N,) bucket of each sample, set by the model's timestep hook
         self.observe = False  # calibration: record max|x̃| per bucket into a_max
         self.refresh_weight_quant()
@@ -237,7 +249,8 @@ class QuantLinear(nn.Module):
         """x -> (x̃, μ̃): centered, scaled and rotated input, and the transformed mean (or None)."""
         mu = None
         if self.center == "dynamic":
-            mu = x.mean(dim=-2, keepdim=True) if x.dim() >= 3 else x.mean(dim=0, keepdim=True)  # (N, 1, K)
+            # (N, 1, K)
+            mu = x.mean(dim=-2, keepdim=True) if x.dim() >= 3 else x.mean(dim=0, keepdim=True)
         elif self.center == "static":
             mu = self.mu_static
         if mu is not None:
@@ -269,7 +282,8 @@ class QuantLinear(nn.Module):
         if self.a_clip is not None:
             m = xt.detach().abs().amax(-1, keepdim=True)  # (N, T, 1), a constant for the gradient
             return (m * self.per_bucket(self.a_clip.clamp(min=1e-3), xt) / levels(self.aq)[1]).clamp(min=1e-12)
-        return self.per_bucket(self.a_scale.clamp(min=1e-8), xt)  # a learnable (QAT) step must stay positive
+        # a learnable (QAT) step must stay positive
+        return self.per_bucket(self.a_scale.clamp(min=1e-8), xt)
 
     def observe_input(self, xt):
         b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
@@ -300,7 +314,8 @@ class QuantLinear(nn.Module):
         return y
 
     def lora_branch(self, xt, mu):
-        """The float low-rank branch on the unquantized transformed input (W's domain in single mode)."""
+        """The float low-rank branch on the unquantized transformed input (W's domain in single
+        mode)."""
         xf = xt if mu is None else xt + mu
         return ((self.unrotate(xf) if self.single else xf) @ self.lora_v.T) @ self.lora_u.T
 
@@ -308,7 +323,8 @@ class QuantLinear(nn.Module):
         return hadamard.transform(x, inverse=True, block=self.block, signs=self.signs)
 
     def extra_repr(self):
-        t = [n for n, on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),
+        t = [n for n,
+             on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),
                              ("hadamard" + (f"(block={self.block})" if self.block else ""), self.rotate)) if on]
         q = lambda c: "fp" if c is None else f"{'s' if c.symmetric else 'a'}{c.bits}/{c.granularity}/{c.range}"
         return f"{self.in_features}->{self.out_features}, W {q(self.wq)}, A {q(self.aq)}, transform [{', '.join(t)}]"
@@ -337,10 +353,12 @@ def quantize_model(model, recipe):
     for name, parent, attr, lin in quant_layers(model):
         signs = hadamard.random_signs(lin.in_features, recipe["signs_seed"]) if recipe.get("signs_seed") is not None else None
         aq = recipe.get("aq")
-        if name in recipe.get("layer_abits", {}):  # mixed precision: this layer's own activation bits
+        # mixed precision: this layer's own activation bits
+        if name in recipe.get("layer_abits", {}):
             aq = dataclasses.replace(aq, bits=recipe["layer_abits"][name])
         q = QuantLinear(lin, recipe.get("wq"), aq, recipe.get("center", "none"),
-                        recipe.get("scales", {}).get(name), recipe.get("rotate", False), recipe.get("block"),
+                        recipe.get("scales", {}).get(name), recipe.get("rotate", False),
+                            recipe.get("block"),
                         signs, recipe.get("means", {}).get(name), recipe.get("single", False))
         setattr(parent, attr, q.to(lin.weight.device))
     attach_timestep_hook(model)
@@ -348,14 +366,16 @@ def quantize_model(model, recipe):
 
 
 def attach_timestep_hook(model):
-    """Per-timestep activation scales (static) and clipping ratios (clip) need each sample's timestep:
-    a pre-hook on the timestep embedder (called on every forward, CFG included) hands every layer that
-    has them its bucket, t * buckets // 1000. Not on the DiT itself: forward_with_cfg calls
-    self.forward directly. The layers are listed on the embedder, so a deep copy of the model
+    """Per-timestep activation scales (static) and clipping ratios (clip) need each sample's
+    timestep: a pre-hook on the timestep embedder (called on every forward, CFG included) hands
+    every layer that has them its bucket, t * buckets // 1000. Not on the DiT itself:
+    forward_with_cfg calls self.forward directly. The layers are listed on the embedder, so a deep
+    copy of the model
     updates its own layers."""  # important!
     emb = model.t_embedder
     emb.bucket_users = [m for m in model.modules() if getattr(m, "a_scale", None) is not None
-                        or getattr(m, "a_clip", None) is not None]  # QuantLinear and its integer form
+                        # QuantLinear and its integer form
+                        or getattr(m, "a_clip", None) is not None]
     if emb.bucket_users and getattr(emb, "bucket_hook", None) is None:
         emb.bucket_hook = emb.register_forward_pre_hook(_set_buckets)
 
@@ -380,7 +400,8 @@ def lesson_activations(n=8, steps=10, block=3):
     model = dit.load_checkpoint(dit.DEFAULT_CKPT)[0]
     acts = {}
     hooks = [model.get_submodule(f"blocks.{block}.{n_}").register_forward_pre_hook(
-        lambda mod, inp, n_=n_: acts.setdefault(n_, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
+        lambda mod, inp,
+            n_=n_: acts.setdefault(n_, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
         for n_ in QUANT_LAYERS]
     y = class_labels(n, list(range(model.num_classes)))
     Diffusion.make(steps=steps).sample(guided(model, y, 1.5), make_noise(n, model, 0))
@@ -390,8 +411,10 @@ def lesson_activations(n=8, steps=10, block=3):
 
 
 def main():
-    ap = common.Parser(description="Lesson: activation quantization error (SQNR, dB) of the shipped model's "
-                                             "real activations at 8/4/3 bits, per tensor vs per token vs per group.")
+    ap = common.Parser(description="Lesson: activation quantization error (SQNR, dB) of the "
+                                   "shipped model's "
+                                             "real activations at 8/4/3 bits, per tensor vs per "
+                                             "token vs per group.")
     ap.add_argument("--n", type=int, default=8, help="images sampled to collect activations")
     ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
     ap.add_argument("--block", type=int, default=3)
@@ -407,7 +430,8 @@ def main():
                       ("per group of 32", dict(granularity="group", group_size=32))):
             row = [sqnr(x, fake_quant(x, QConfig(bits, **kw))) for x in acts.values()]
             print(f"{bits:4d} {g:16s}" + "".join(f"{v:10.2f}" for v in row))
-    print("each bit is worth ~6 dB; finer scales help most where a few channels or tokens are outliers")
+    print("each bit is worth ~6 dB; finer scales help most where a few channels or tokens are "
+          "outliers")
 
 if __name__ == "__main__":
     common.run_cli(main)

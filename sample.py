@@ -24,7 +24,8 @@ from diffusion import Diffusion, class_labels, guided, make_noise
 DEFAULT_CKPT = dit.DEFAULT_CKPT
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
 QAT = "hqdm"  # a trained checkpoint (qat.py --out), never made on the fly
-# the best PTQ recipe per setting, and where a trained QAT checkpoint beats it (docs/results.md: n = 1000 FD)
+# the best PTQ recipe per setting, and where a trained QAT checkpoint beats it (docs/results.md: n =
+# 1000 FD)
 BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "svdquant-hadanorm", "w4a3": "hadanorm"}
 BEST_QAT = ("w4a3",)
 
@@ -34,7 +35,8 @@ BEST_QAT = ("w4a3",)
 #################################################################################
 
 @torch.no_grad()
-def generate(model, labels, steps=50, cfg_scale=4.0, seed=0, sampler="ddim", eta=0.0, batch_size=250,
+def generate(model, labels, steps=50, cfg_scale=4.0, seed=0, sampler="ddim", eta=0.0,
+             batch_size=250,
              clip=None, progress=False, noise=None):
     """Samples (N, C, H, W) for `labels`; deterministic for a given seed. Pixel models clip x̂_0 to
     [-1, 1]; latent models (4 channels, official DiT) do not, as the official sample.py."""
@@ -62,16 +64,18 @@ def generate(model, labels, steps=50, cfg_scale=4.0, seed=0, sampler="ddim", eta
 
 class GELUTanh(torch.nn.Module):
     """GELU's tanh form written as x·σ(2u), u = √(2/π)(x + 0.044715 x³): the same function, with one
-    exp where torch's kernel evaluates a tanh (measured ~30 ms of a 285 ms compiled W4A4 forward)."""
+    exp where torch's kernel evaluates a tanh (measured ~30 ms of a 285 ms compiled W4A4
+    forward)."""
     def forward(self, x):
         return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
 
 
 def accelerate(model, mode="auto", bf16=False):
-    """Makes sampling fast: torch.compile of the model's forward (the integer path's kernels, GEMMs and
-    float parts as one graph), for the integer path by default ("auto"), or "on" / "off"; with bf16 the
-    float parts (embedders, adaLN, norms, attention, final layer) run in bfloat16 while the quantized
-    layers keep their integer GEMM and float32 scales. Returns a note for the report; without a working
+    """Makes sampling fast: torch.compile of the model's forward (the integer path's kernels, GEMMs
+    and float parts as one graph), for the integer path by default ("auto"), or "on" / "off"; with
+    bf16 the float parts (embedders, adaLN, norms, attention, final layer) run in bfloat16 while the
+    quantized layers keep their integer GEMM and float32 scales. Returns a note for the report;
+    without a working
     compiler the model stays eager and the note says so."""
     is_int = any(isinstance(m, integer.IntLinear) for m in model.modules())
     note = []
@@ -82,7 +86,8 @@ def accelerate(model, mode="auto", bf16=False):
                     if p is not None and p.is_floating_point():
                         p.data = p.data.bfloat16()
         forward = model.forward
-        model.forward = lambda x, t, y: forward(x.bfloat16(), t, y).float()  # the sampler stays float32
+        # the sampler stays float32
+        model.forward = lambda x, t, y: forward(x.bfloat16(), t, y).float()
         note.append("bf16 float parts")
     if mode == "off" or (mode == "auto" and not is_int):
         return ", ".join(["eager"] + note)
@@ -93,14 +98,17 @@ def accelerate(model, mode="auto", bf16=False):
         for blk in model.blocks:
             blk.mlp.act = GELUTanh()
     if any(getattr(m, "gemm", None) == "onednn" for m in model.modules()):
-        torch._inductor.config.freezing = True  # inductor lowers oneDNN's int8 linear only on constant (frozen) weights
-    model.forward = torch.compile(model.forward)  # forward_with_cfg calls self.forward: compile that  # important!
+        # inductor lowers oneDNN's int8 linear only on constant (frozen) weights
+        torch._inductor.config.freezing = True
+    # forward_with_cfg calls self.forward: compile that  # important!
+    model.forward = torch.compile(model.forward)
     return ", ".join(["compiled"] + note)
 
 
 @torch.no_grad()
 def warm_up(model, labels, cfg_scale, batch_size=250):
-    """One forward at the first batch's shape, so that compiling is timed apart from sampling -> seconds."""
+    """One forward at the first batch's shape, so that compiling is timed apart from sampling ->
+    seconds."""
     t0 = time.time()
     b = min(len(labels), batch_size)
     device = next(model.parameters()).device
@@ -122,11 +130,13 @@ def save_grid(images, labels, path, names=data.CLASSES, scale=2):
     h, w = imgs.shape[1] * scale, imgs.shape[2] * scale
     pad, label_w = 2, 90
     mode = "L" if imgs.shape[-1] == 1 else "RGB"
-    canvas = Image.new(mode, (label_w + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad), "white")
+    canvas = Image.new(mode, (label_w + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad),
+                       "white")
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for r, (cls, idx) in enumerate(zip(rows, per_row)):
         y0 = pad + r * (h + pad)
-        draw.text((4, y0 + h // 2 - 6), f"{cls} {names[cls] if cls < len(names) else ''}", fill="black", font=font)
+        draw.text((4, y0 + h // 2 - 6), f"{cls} {names[cls] if cls < len(names) else ''}",
+                  fill="black", font=font)
         for c, i in enumerate(idx):
             tile = Image.fromarray(imgs[i][..., 0] if imgs.shape[-1] == 1 else imgs[i])
             tile = tile.resize((w, h), Image.NEAREST).convert(mode)
@@ -143,7 +153,8 @@ def psnr(a, b):
 
 def save_npz(images, labels, path):
     """ADM / DiT `sample_ddp.py` format: arr_0 uint8 (N, H, W, C), plus our labels."""
-    with common.atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no ".npz"
+    # a file object: savez adds no ".npz"
+    with common.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.savez(f, arr_0=data.to_uint8(images).numpy(), labels=labels.numpy())
 
 
@@ -158,23 +169,33 @@ def parse_classes(text, num_classes):
         raise ValueError(f"--classes takes comma-separated class ids, got {text!r}") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
     if not classes or bad:
-        raise ValueError(f"unknown class id(s) {bad or text!r}: this model has classes 0..{num_classes - 1}")
+        raise ValueError(f"unknown class id(s) {bad or text!r}: this model has classes "
+                         f"0..{num_classes - 1}")
     return classes
 
 
 def get_args(argv=None):
-    ap = common.Parser(description="Sample a labelled grid of Fashion-MNIST garments from the shipped DiT.")
-    ap.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"model checkpoint (default {DEFAULT_CKPT})")
-    ap.add_argument("--model", default=None, help="expected config name; an error if the checkpoint is another")
-    ap.add_argument("--n", type=common.POSITIVE, default=80, help="number of images, spread evenly over --classes")
+    ap = common.Parser(description="Sample a labelled grid of Fashion-MNIST garments from the "
+                                   "shipped DiT.")
+    ap.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"model checkpoint (default "
+                                                         f"{DEFAULT_CKPT})")
+    ap.add_argument("--model", default=None, help="expected config name; an error if the "
+                                                  "checkpoint is another")
+    ap.add_argument("--n", type=common.POSITIVE, default=80, help="number of images, spread evenly "
+                                                                  "over --classes")
     ap.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
-    ap.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="sampling steps (respaced from 1000)")
+    ap.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="sampling steps "
+                                                                                  "(respaced from "
+                                                                                  "1000)")
     ap.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    ap.add_argument("--eta", type=common.number(float, 0, 1), default=0.0, help="DDIM η (0 = deterministic)")
-    ap.add_argument("--cfg-scale", type=common.number(float, 0, 100), default=4.0, help="classifier-free guidance scale (1 = off)")
+    ap.add_argument("--eta", type=common.number(float, 0, 1), default=0.0, help="DDIM η (0 = "
+                                                                                "deterministic)")
+    ap.add_argument("--cfg-scale", type=common.number(float, 0, 100), default=4.0,
+                    help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--seed", type=common.number(int, 0), default=0)
     ap.add_argument("--out", default="samples.png", help="PNG grid to write")
-    ap.add_argument("--npz", default=None, help="also write raw samples here (arr_0 uint8 NHWC, labels)")
+    ap.add_argument("--npz", default=None, help="also write raw samples here (arr_0 uint8 NHWC, "
+                                                "labels)")
     q = ap.add_mutually_exclusive_group()
     for name, (wb, ab) in SETTINGS.items():
         q.add_argument(f"--{name}", dest="bits", action="store_const", const=name,
@@ -182,18 +203,26 @@ def get_args(argv=None):
                        + (f"{QAT} where its checkpoint is beside --ckpt, else " if name in BEST_QAT else "")
                        + f"{BEST_METHOD[name]})")
     ap.add_argument("--method", default=None, choices=calibrate.METHODS + (QAT,),
-                    help=f"PTQ recipe for the bit setting, or {QAT}: the qat.py checkpoint beside --ckpt")
-    ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the cached one "
+                    help=f"PTQ recipe for the bit setting, or {QAT}: the qat.py checkpoint beside "
+                         f"--ckpt")
+    ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the "
+                                                  "cached one "
                     "beside --ckpt (created by calibrating on the first run)")
-    ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead of the integer path")
-    ap.add_argument("--compare-fp", action="store_true", help="also sample the FP model from the same noise; report PSNR")
+    ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead "
+                                                            "of the integer path")
+    ap.add_argument("--compare-fp", action="store_true", help="also sample the FP model from the "
+                                                              "same noise; report PSNR")
     ap.add_argument("--image-size", type=common.number(int, 8, 4096), default=None,
-                    help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; needs --vae")
-    ap.add_argument("--vae", default=None, help="SD-VAE decoder file (diffusers diffusion_pytorch_model.bin)")
+                    help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; "
+                         "needs --vae")
+    ap.add_argument("--vae", default=None, help="SD-VAE decoder file (diffusers "
+                                                "diffusion_pytorch_model.bin)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="torch.compile the model (auto: on for the integer path where a C++ compiler is present, "
+                    help="torch.compile the model (auto: on for the integer path where a C++ "
+                         "compiler is present, "
                     "off for full precision, the plain reference); compile time is reported apart")
-    ap.add_argument("--bf16", action="store_true", help="run the float parts (embedders, adaLN, norms, attention, "
+    ap.add_argument("--bf16", action="store_true", help="run the float parts (embedders, adaLN, "
+                                                        "norms, attention, "
                     "final layer; all of it for full precision) in bfloat16")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     return ap.parse_args(argv)
@@ -203,10 +232,12 @@ IMAGENET_CLASSES = [207, 360, 387, 974, 88, 979, 417, 279]  # the official sampl
 
 
 def load_official_model(args):
-    """--image-size/--vae: a facebookresearch/DiT checkpoint (ImageNet latents) and the VAE decoder."""
+    """--image-size/--vae: a facebookresearch/DiT checkpoint (ImageNet latents) and the VAE
+    decoder."""
     import vae as vae_lib
     if not args.vae:
-        raise ValueError("an official DiT samples latents: --vae PATH (sd-vae-ft-mse/-ema decoder) is needed")
+        raise ValueError("an official DiT samples latents: --vae PATH (sd-vae-ft-mse/-ema decoder) "
+                         "is needed")
     name = args.model or "DiT-XL/2"
     model = dit.load_official(args.ckpt, name, args.image_size or 256)
     decoder = vae_lib.load_vae(args.vae)
@@ -214,7 +245,8 @@ def load_official_model(args):
     if args.bits:
         method = args.method or BEST_METHOD[args.bits]
         t0 = time.time()
-        calibrate.quantize_fp(model.to(args.device), method, *SETTINGS[args.bits], calib_n=4, calib_steps=10)
+        calibrate.quantize_fp(model.to(args.device), method, *SETTINGS[args.bits], calib_n=4,
+                              calib_steps=10)
         if not args.simulate:
             integer.to_integer(model)
         desc = f"{args.bits.upper()} {method} {'simulated' if args.simulate else 'integer'} (calibrated in {time.time() - t0:.0f} s)"
@@ -222,23 +254,27 @@ def load_official_model(args):
 
 
 def quantized_path(ckpt, setting, method):
-    """Where the packed quantized model of `ckpt` is cached: beside it, named by setting and recipe."""
+    """Where the packed quantized model of `ckpt` is cached: beside it, named by setting and
+    recipe."""
     return f"{ckpt[:-3] if ckpt.endswith('.pt') else ckpt}_{setting}_{method}.pt"
 
 
 def made_from(path, ckpt):
-    """Whether the quantized checkpoint `path` records the SHA-256 of the FP file `ckpt` (not stale)."""
+    """Whether the quantized checkpoint `path` records the SHA-256 of the FP file `ckpt` (not
+    stale)."""
     try:
         ck = common.load_file(path, "quantized checkpoint")
-    except ValueError:  # unreadable: not made from anything (a cache is rebuilt, a QAT file refused)
+    # unreadable: not made from anything (a cache is rebuilt, a QAT file refused)
+    except ValueError:
         return False
     calib = ck.get("calibration", {}) if isinstance(ck, dict) else {}
     return isinstance(calib, dict) and calib.get("fp_sha256") == common.file_sha256(ckpt)
 
 
 def default_method(args):
-    """--method, else the trained QAT checkpoint beside --ckpt where QAT measured best (and that file
-    exists and was made from this FP file), else the best PTQ recipe, calibrated on first use."""
+    """--method, else the trained QAT checkpoint beside --ckpt where QAT measured best (and that
+    file exists and was made from this FP file), else the best PTQ recipe, calibrated on first
+    use."""
     if args.method or not args.bits:
         return args.method
     qat_path = quantized_path(args.ckpt, args.bits, QAT)
@@ -249,13 +285,15 @@ def default_method(args):
 
 
 def load_model(args):
-    """-> (model, config, description): FP; a quantized checkpoint (integer path); or FP quantized now."""
+    """-> (model, config, description): FP; a quantized checkpoint (integer path); or FP quantized
+    now."""
     if args.method and not args.bits:
         raise ValueError("--method needs a bit setting (--w8a8, --w4a8, --w4a4 or --w4a3)")
     if args.simulate and not args.bits:
         raise ValueError("--simulate needs a bit setting (--w8a8, --w4a8, --w4a4 or --w4a3)")
     if args.qckpt and args.simulate:
-        raise ValueError("--simulate calibrates from the FP checkpoint; a packed --qckpt has no float "
+        raise ValueError("--simulate calibrates from the FP checkpoint; a packed --qckpt has no "
+                         "float "
                          "weights or calibration statistics to simulate from")
     if not args.bits and not args.qckpt:
         model, cfg = dit.load_checkpoint(args.ckpt)
@@ -263,22 +301,27 @@ def load_model(args):
     method = default_method(args)
     path = args.qckpt or quantized_path(args.ckpt, args.bits, method)
     stale = False
-    if not args.qckpt and os.path.exists(path) and os.path.exists(args.ckpt):  # cache made from this FP file?
+    # cache made from this FP file?
+    if not args.qckpt and os.path.exists(path) and os.path.exists(args.ckpt):
         stale = not made_from(path, args.ckpt)
     if method == QAT and not args.qckpt and (args.simulate or stale or not os.path.exists(path)):
         why = "--simulate needs float weights" if args.simulate else (
             "is unreadable or was trained from another FP file" if stale else "does not exist")
-        raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py train --ckpt {args.ckpt} "
-                         f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --out {path}")
+        raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py "
+                         f"train --ckpt {args.ckpt} "
+                         f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --out "
+                         f"{path}")
     if not args.simulate and os.path.exists(path) and stale and not args.qckpt:
         print(f"warning: {path} is unreadable or was made from another FP file; calibrating it anew",
               file=sys.stderr)
     if not args.simulate and os.path.exists(path) and not stale:
         model, cfg, recipe = calibrate.load_quantized(path)
         same = (recipe["method"] == method or (method == QAT and recipe["method"].startswith(QAT + "-"))
-                or (args.qckpt and not args.method))  # a given file without --method: any recipe of those bits
+                # a given file without --method: any recipe of those bits
+                or (args.qckpt and not args.method))
         if args.bits and (not same or (recipe["wq"].bits, recipe["aq"].bits) != SETTINGS[args.bits]):
-            raise ValueError(f"{path} holds {recipe['method']} W{recipe['wq'].bits}A{recipe['aq'].bits}, "
+            raise ValueError(f"{path} holds {recipe['method']} "
+                             f"W{recipe['wq'].bits}A{recipe['aq'].bits}, "
                              f"not {method} {args.bits.upper()}")
         path_kind = "integer" if recipe.get("integer") else "simulated"
         return model, cfg, f"W{recipe['wq'].bits}A{recipe['aq'].bits} {recipe['method']} {path_kind} (loaded {path})"
@@ -296,12 +339,15 @@ def load_model(args):
         calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt,
                                                             "fp_sha256": common.file_sha256(args.ckpt)})
     except (OSError, ValueError) as e:
-        print(f"warning: calibrated model not cached ({e}); sampling from it all the same", file=sys.stderr)
-        with tempfile.TemporaryDirectory() as tmp:  # the saved form all the same: what a cached run would load
+        print(f"warning: calibrated model not cached ({e}); sampling from it all the same",
+              file=sys.stderr)
+        # the saved form all the same: what a cached run would load
+        with tempfile.TemporaryDirectory() as tmp:
             calibrate.save_quantized(os.path.join(tmp, "q.pt"), model, cfg, recipe, {})
             model = calibrate.load_quantized(os.path.join(tmp, "q.pt"))[0]
         return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, not cached)"
-    model = calibrate.load_quantized(path)[0]  # important! sample from what was saved (fp16 adaLN), as every later run
+    # important! sample from what was saved (fp16 adaLN), as every later run
+    model = calibrate.load_quantized(path)[0]
     return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
 
 
@@ -326,9 +372,11 @@ def main(argv=None):
     labels = class_labels(args.n, classes)
     how = accelerate(model, args.compile, args.bf16)
     if how.startswith("compiled"):
-        how = how.replace("compiled", f"compiled in {warm_up(model, labels, args.cfg_scale):.1f} s", 1)
+        how = how.replace("compiled", f"compiled in {warm_up(model, labels, args.cfg_scale):.1f} s",
+                          1)
     t1 = time.time()
-    images = generate(model, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta, progress=True)
+    images = generate(model, labels, args.steps, args.cfg_scale, args.seed, args.sampler, args.eta,
+                      progress=True)
     if decoder is not None:  # latents -> pixels
         decoder.to(args.device)
         images = torch.cat([decoder.decode(z[None].to(args.device)).cpu() for z in images])
@@ -343,8 +391,10 @@ def main(argv=None):
     size = save_grid(images, labels, args.out, names=data.CLASSES if decoder is None else [])
     if args.npz:
         save_npz(images, labels, args.npz)
-    print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | {args.sampler} "
-          f"{args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s ({how}), "
+    print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | "
+          f"{args.sampler} "
+          f"{args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s "
+          f"({how}), "
           f"total {time.time() - t0:.1f} s" + cmp + (f" | npz {args.npz}" if args.npz else ""))
 
 

@@ -115,7 +115,8 @@ class VAEDecoder(nn.Module):
         return self.decoder(self.post_quant_conv(latents / LATENT_SCALE)).clamp(-1, 1)
 
 
-# diffusers < 0.15 named the attention weights differently; the released .bin files use the old names
+# diffusers < 0.15 named the attention weights differently; the released .bin files use the old
+# names
 OLD_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
 
@@ -141,7 +142,8 @@ def load_vae(path):
 
 def main():
     ap = common.Parser(description="Decode a latent with the SD VAE decoder (plain torch).")
-    ap.add_argument("--vae", required=True, help="diffusers diffusion_pytorch_model.bin of sd-vae-ft-mse / -ema")
+    ap.add_argument("--vae", required=True, help="diffusers diffusion_pytorch_model.bin of "
+                                                 "sd-vae-ft-mse / -ema")
     ap.add_argument("--size", type=int, default=32, help="latent size (32 -> 256px)")
     args = ap.parse_args()
     vae = load_vae(args.vae)

@@ -25,7 +25,8 @@ def fake_fmnist(tmp_path):
 
 
 def save_random_tiny(path, std=0.02):
-    """A one-block DiT-T/4 with random (non-zero, also the output layers) weights, saved by our writer."""
+    """A one-block DiT-T/4 with random (non-zero, also the output layers) weights, saved by our
+    writer."""
     import dit
     torch.manual_seed(0)
     m = dit.build(dit.TINY, depth=1)
@@ -45,7 +46,8 @@ def run_script(*args, timeout=300):
     """Runs `python args...` in the repo root as a user would; returns the CompletedProcess."""
     import subprocess
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env=env)
 
 
 def lesson_output(*args):

@@ -1,4 +1,5 @@
-"""assignments.py: well-formed exercise regions, hand-outs whose failing tests are exactly the mapped ones."""
+"""assignments.py: well-formed exercise regions, hand-outs whose failing tests are exactly the
+mapped ones."""
 import os
 
 import pytest
@@ -27,7 +28,8 @@ def test_strip_keeps_the_markers_and_raises_the_task(tmp_path):
     ex = assignments.find_exercises(str(tmp_path))
     out = assignments.strip(src, ex["sq"]["regions"])
     assert out == ('def f(x):\n    # exercise sq: return x squared\n'
-                   '    raise NotImplementedError("exercise sq: return x squared")\n    # end exercise sq\n')
+                   '    raise NotImplementedError("exercise sq: return x squared")\n    # end '
+                   'exercise sq\n')
 
 
 @pytest.mark.parametrize("src, msg", [
@@ -69,7 +71,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, msg):
 
 
 def failures(out_dir, only=None):
-    """Writes a hand-out (all exercises, or `only`), runs its whole suite, returns {failed test: message}."""
+    """Writes a hand-out (all exercises, or `only`), runs its whole suite, returns {failed test:
+    message}."""
     r = run_script("assignments.py", "--out", str(out_dir), *(["--only", only] if only else []))
     assert r.returncode == 0, r.stderr
     return {t: m for t, m in assignments.run_suite(str(out_dir)).items() if m is not None}

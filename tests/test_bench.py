@@ -7,7 +7,8 @@ import bench
 def test_quick_bench_runs(capsys):
     bench.main(["--quick", "--repeats", "1"])
     out = capsys.readouterr().out
-    for row in ("fp32 F.linear", "int8 GEMM alone", "W4A4 HadaNorm |", "W4A4 HQ-DM |", "W4A16", "ISA:",
+    for row in ("fp32 F.linear", "int8 GEMM alone", "W4A4 HadaNorm |", "W4A4 HQ-DM |", "W4A16",
+                "ISA:",
                 "| W4A4 HadaNorm (integer) |", "CPU system s"):
         assert row in out
     assert "peak RSS" in out

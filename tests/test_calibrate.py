@@ -1,4 +1,5 @@
-"""calibrate.py: recipes are exact transforms, DiTAS folding == online smoothing, LoRA, checkpoints."""
+"""calibrate.py: recipes are exact transforms, DiTAS folding == online smoothing, LoRA,
+checkpoints."""
 import copy
 import os
 import subprocess
@@ -57,7 +58,8 @@ def test_every_recipe_is_exact_with_quantization_off(method, stats):
 def test_ditas_folding_equals_online_smoothing():
     fp, folded = random_tiny(), random_tiny()
     g = torch.Generator().manual_seed(2)
-    scales = {n: torch.rand(lin.in_features, generator=g) + 0.3 for n, _, _, lin in quant.quant_layers(fp)}
+    scales = {n: torch.rand(lin.in_features, generator=g) + 0.3 for n, _, _,
+              lin in quant.quant_layers(fp)}
     calibrate.fold_ditas(folded, scales)
     online = copy.deepcopy(fp)
     recipe = {"scales": scales}
@@ -71,13 +73,15 @@ def test_ditas_folding_equals_online_smoothing():
         torch.testing.assert_close(online(x, t, y), ref, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(folded(x, t, y), ref, atol=1e-5, rtol=1e-4)
     # the fold really moved the scale: the folded adaLN differs from the original
-    assert not torch.allclose(folded.blocks[0].adaLN_modulation[1].bias, fp.blocks[0].adaLN_modulation[1].bias)
+    assert not torch.allclose(folded.blocks[0].adaLN_modulation[1].bias,
+                              fp.blocks[0].adaLN_modulation[1].bias)
 
 
 def test_lora_reduces_the_weight_error_monotonically():
     torch.manual_seed(0)
     lin = torch.nn.Linear(192, 256)
-    lin.weight.data += 0.3 * torch.randn(256, 4) @ torch.randn(4, 192) / 4  # some low-rank structure
+    # some low-rank structure
+    lin.weight.data += 0.3 * torch.randn(256, 4) @ torch.randn(4, 192) / 4
     q = QuantLinear(lin, QConfig(4), None)
     W = q.weight.detach().clone()
     start = (W - q.qweight()).norm().item()
@@ -90,7 +94,8 @@ def test_lora_reduces_the_weight_error_monotonically():
 
 def test_quantized_checkpoint_round_trip(tmp_path, tiny_ckpt):
     path = str(tmp_path / "q.pt")
-    calibrate.main(["--ckpt", tiny_ckpt, "--method", "ditas", "--wbits", "4", "--abits", "8", "--calib-n", "2",
+    calibrate.main(["--ckpt", tiny_ckpt, "--method", "ditas", "--wbits", "4", "--abits", "8",
+                    "--calib-n", "2",
                     "--calib-steps", "2", "--lora-rank", "4", "--lora-iters", "2", "--out", path])
     m, cfg, recipe = calibrate.load_quantized(path)
     assert recipe["method"] == "ditas" and recipe["wq"].bits == 4 and recipe["aq"].bits == 8
@@ -100,14 +105,19 @@ def test_quantized_checkpoint_round_trip(tmp_path, tiny_ckpt):
         calibrate.main(["--ckpt", path])
 
 
-@pytest.mark.parametrize("args,msg", [(["--method", "gptq"], "unknown method"), (["--abits", "1"], "unsupported bit width")])
+@pytest.mark.parametrize("args,msg",
+                         [(["--method", "gptq"], "unknown method"),
+                          (["--abits", "1"], "unsupported bit width")])
 def test_bad_input_exits_2(tiny_ckpt, args, msg):
     r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", tiny_ckpt, "--calib-n", "2", "--calib-steps", "2", *args],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       cwd=ROOT, capture_output=True, text=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.parametrize("method,bits", [("rtn", (8, 8)), ("hadamard", (4, 4)), ("hadanorm", (4, 4)), ("ditas", (4, 8)),
+@pytest.mark.parametrize("method,bits",
+                         [("rtn", (8, 8)), ("hadamard", (4, 4)), ("hadanorm", (4, 4)),
+                          ("ditas", (4, 8)),
                                          ("svdquant-hadanorm", (4, 4))])
 def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
     m = random_tiny()
@@ -124,19 +134,23 @@ def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
         sim_layers = {n: q(ins[n]) for n, _, _, q in quant.quant_layers(m)}
         integer.to_integer(m)
         out = m(x, t, y)
-        for n, _, _, q in quant.quant_layers(m):  # layer by layer, on the torch path: equal to float rounding
+        # layer by layer, on the torch path: equal to float rounding
+        for n, _, _, q in quant.quant_layers(m):
             ref, kernel = sim_layers[n], q.use_kernel
-            q.use_kernel = False  # (the C kernel's codes may differ at an exact rounding tie: test_kernels.py)
+            # (the C kernel's codes may differ at an exact rounding tie: test_kernels.py)
+            q.use_kernel = False
             assert ((q(ins[n]) - ref).abs().max() / ref.abs().max()).item() < 1e-5, n
             q.use_kernel = kernel
-    # end to end, a float-rounding difference may flip one activation code somewhere: close, not equal
+    # end to end, a float-rounding difference may flip one activation code somewhere: close, not
+    # equal
     rel = ((out - sim).abs().max() / sim.abs().max()).item()
     assert rel < 1e-2, rel
 
 
 def test_static_per_timestep_recipe_round_trip(tmp_path, tiny_ckpt):
     path = str(tmp_path / "qs.pt")
-    calibrate.main(["--ckpt", tiny_ckpt, "--method", "hadanorm", "--wbits", "4", "--abits", "8", "--static-act", "5",
+    calibrate.main(["--ckpt", tiny_ckpt, "--method", "hadanorm", "--wbits", "4", "--abits", "8",
+                    "--static-act", "5",
                     "--calib-n", "2", "--calib-steps", "5", "--out", path])
     m, _, recipe = calibrate.load_quantized(path)
     assert recipe["aq"].dynamic is False and recipe["aq"].buckets == 5

@@ -63,7 +63,8 @@ def test_ddim_recovers_a_point_mass_with_any_step_count():
     z = torch.randn(8, 1, 4, 4)
     for steps in (1, 7, 50):
         out = Diffusion.make(steps=steps).sample(fn, z, "ddim")
-        torch.testing.assert_close(out, torch.full_like(z, 0.3), atol=2e-4, rtol=0)  # float32: 1/sqrt(ᾱ_T) ≈ 157
+        # float32: 1/sqrt(ᾱ_T) ≈ 157
+        torch.testing.assert_close(out, torch.full_like(z, 0.3), atol=2e-4, rtol=0)
 
 
 def test_ddpm_matches_the_target_variance_and_is_seeded():
@@ -85,31 +86,36 @@ def test_cfg_guided_fn_combines_cond_and_null():
     with torch.no_grad():
         cond, uncond = m(x, t, y), m(x, t, torch.full_like(y, 10))
         torch.testing.assert_close(guided(m, y, 1.0)(x, t), cond)
-        torch.testing.assert_close(guided(m, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(guided(m, y, 3.0)(x, t), uncond + 3.0 * (cond - uncond),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_loss_is_eps_mse():
     d = Diffusion.make()
     zero = lambda x, t, y: torch.zeros_like(x)
     noise = torch.randn(16, 1, 4, 4)
-    loss = d.loss(zero, torch.zeros(16, 1, 4, 4), None, t=torch.zeros(16, dtype=torch.long), noise=noise)
+    loss = d.loss(zero, torch.zeros(16, 1, 4, 4), None, t=torch.zeros(16, dtype=torch.long),
+                  noise=noise)
     torch.testing.assert_close(loss, noise.pow(2).mean())
 
 
 def test_lesson_writes_the_noising_strip_without_the_data_set(tmp_path):
     from PIL import Image
     from conftest import lesson_output
-    out = lesson_output("diffusion.py", "--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "s.png"))
+    out = lesson_output("diffusion.py", "--data-dir", str(tmp_path / "none"), "--out",
+                        str(tmp_path / "s.png"))
     assert "DDIM sample of the shipped model" in out
     rows = [l.split() for l in out.splitlines() if l.split() and l.split()[0] in ("0", "500", "999")]
     corr = [float(r[3]) for r in rows]
-    assert len(corr) == 3 and corr[0] > 0.99 and corr[0] > corr[1] > corr[2]  # the image fades into noise
+    # the image fades into noise
+    assert len(corr) == 3 and corr[0] > 0.99 and corr[0] > corr[1] > corr[2]
     assert Image.open(tmp_path / "s.png").size == (7 * 32 * 4, 32 * 4)
 
 
 def official_ddim(betas_full, keep, model_fn, x, clip, eta=0.0, noise=None):
     """The official guided-diffusion ddim_sample_loop, re-written from its formulas (respaced betas,
-    float64 tables cast to float32 at each use, x̂_0 from ε, clip or not, ε always re-derived from x̂_0)."""
+    float64 tables cast to float32 at each use, x̂_0 from ε, clip or not, ε always re-derived from
+    x̂_0)."""
     acp_full, betas, last = np.cumprod(1 - betas_full), [], 1.0
     for i, a in enumerate(acp_full):
         if i in keep:
@@ -145,13 +151,16 @@ def test_ddim_equals_the_official_loop_bit_for_bit(clip, steps):
 
 
 def test_ddim_with_eta_1_draws_the_ddpm_posterior_variance():
-    """σ_t(η = 1)² = (1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev) is the DDPM posterior variance β̃_t: two
-    runs of one step from the same x with different noise differ by 2 β̃_t in variance (σ = 0 fails)."""
+    """σ_t(η = 1)² = (1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev) is the DDPM posterior variance β̃_t:
+    two runs of one step from the same x with different noise differ by 2 β̃_t in variance (σ = 0
+    fails)."""
     d = Diffusion.make(steps=20)
     x = torch.randn(1, 1, 64, 64).expand(2, -1, -1, -1).contiguous()
     eps_fn = lambda x, t: 0.3 * x
     for i in (15, 5, 1):
-        a = d.ddim_step(eps_fn, x[:1], i, eta=1.0, clip=False, generator=torch.Generator().manual_seed(1))
-        b = d.ddim_step(eps_fn, x[:1], i, eta=1.0, clip=False, generator=torch.Generator().manual_seed(2))
+        a = d.ddim_step(eps_fn, x[:1], i, eta=1.0, clip=False,
+                        generator=torch.Generator().manual_seed(1))
+        b = d.ddim_step(eps_fn, x[:1], i, eta=1.0, clip=False,
+                        generator=torch.Generator().manual_seed(2))
         var = (a - b).pow(2).mean().item() / 2
         assert abs(var / d.posterior_variance[i] - 1) < 0.1, (i, var, d.posterior_variance[i])

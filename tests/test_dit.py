@@ -7,19 +7,22 @@ import dit
 
 def xl2_expected_shapes(D=1152, depth=28, p=2, C=4, T=256, classes=1000, out=8):
     """The official DiT-XL/2 state dict, written out from the paper's architecture."""
-    s = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, p, p), "x_embedder.proj.bias": (D,),
+    s = {"pos_embed": (1, T, D), "x_embedder.proj.weight": (D, C, p, p),
+         "x_embedder.proj.bias": (D,),
          "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
          "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
          "y_embedder.embedding_table.weight": (classes + 1, D),
          "final_layer.linear.weight": (p * p * out, D), "final_layer.linear.bias": (p * p * out,),
-         "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+         "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+             "final_layer.adaLN_modulation.1.bias": (2 * D,)}
     for i in range(depth):
         b = f"blocks.{i}."
         s.update({b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,),
                   b + "attn.proj.weight": (D, D), b + "attn.proj.bias": (D,),
                   b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
                   b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
-                  b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,)})
+                  b + "adaLN_modulation.1.weight": (6 * D, D),
+                      b + "adaLN_modulation.1.bias": (6 * D,)})
     return s
 
 
@@ -57,12 +60,14 @@ def test_tiny_default_is_fashion_mnist_and_not_a_power_of_two():
 
 
 def test_pos_embed_layout_width_first_sin_then_cos():
-    m = dit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
+    m = dit.DiT(input_size=8, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2,
+                num_classes=2)
     pe = m.pos_embed[0]  # (16 tokens, 16): token = h * 4 + w
     q = 16 // 4  # each of [sin(w), cos(w), sin(h), cos(h)] is a quarter
     omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
     tok = 1 * 4 + 3  # h = 1, w = 3
-    want = torch.cat([torch.sin(3 * omega), torch.cos(3 * omega), torch.sin(1 * omega), torch.cos(1 * omega)])
+    want = torch.cat([torch.sin(3 * omega), torch.cos(3 * omega), torch.sin(1 * omega),
+                      torch.cos(1 * omega)])
     torch.testing.assert_close(pe[tok].double(), want, atol=1e-6, rtol=0)
 
 
@@ -83,7 +88,8 @@ def test_cfg_null_class_and_guidance():
     for p in m.parameters():
         p.data.normal_(0, 0.1)
     assert m.y_embedder.embedding_table.num_embeddings == 4  # null class = num_classes
-    dropped = m.y_embedder.token_drop(torch.tensor([0, 1, 2]), force_drop_ids=torch.tensor([1, 0, 1]))
+    dropped = m.y_embedder.token_drop(torch.tensor([0, 1, 2]),
+                                      force_drop_ids=torch.tensor([1, 0, 1]))
     assert dropped.tolist() == [3, 1, 3]
     x = torch.randn(2, 4, 8, 8)
     x = torch.cat([x[:1], x[:1]])
@@ -131,7 +137,8 @@ def test_load_official_bare_and_train_dicts_and_readable_errors(tmp_path):
         p.data.normal_(0, 0.02)
     sd = m.state_dict()
     torch.save(sd, tmp_path / "bare.pt")
-    torch.save({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd, "opt": {}, "args": None}, tmp_path / "train.pt")
+    torch.save({"model": {k: v * 0 for k, v in sd.items()}, "ema": sd, "opt": {}, "args": None},
+               tmp_path / "train.pt")
     for f in ("bare.pt", "train.pt"):
         got = dit.load_official(str(tmp_path / f), "DiT-S/8", image_size=64)
         assert all(torch.equal(got.state_dict()[k], v) for k, v in sd.items())  # the EMA weights
@@ -139,7 +146,8 @@ def test_load_official_bare_and_train_dicts_and_readable_errors(tmp_path):
         dit.load_official(str(tmp_path / "bare.pt"), "DiT-S/8", image_size=128)
     with pytest.raises(ValueError, match="shape mismatches|missing keys"):  # another config
         dit.load_official(str(tmp_path / "bare.pt"), "DiT-B/8", image_size=64)
-    torch.save({k: v for k, v in sd.items() if k != "y_embedder.embedding_table.weight"}, tmp_path / "miss.pt")
+    torch.save({k: v for k, v in sd.items() if k != "y_embedder.embedding_table.weight"},
+               tmp_path / "miss.pt")
     with pytest.raises(ValueError, match="1 missing keys.*y_embedder"):
         dit.load_official(str(tmp_path / "miss.pt"), "DiT-S/8", image_size=64)
     torch.save({**sd, "extra.weight": torch.zeros(1)}, tmp_path / "extra.pt")

@@ -57,9 +57,11 @@ def test_two_process_torchrun_scores_like_one_process(tiny_ckpt):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     rows = {}
     for name, cmd in {"one": [sys.executable, "evaluate.py"],
-                      "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                      "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node=2",
                               "evaluate.py"]}.items():
-        r = subprocess.run(cmd + ["fp", "--ckpt", tiny_ckpt, "--samples", "6", "--steps", "2"], cwd=root, capture_output=True,
+        r = subprocess.run(cmd + ["fp", "--ckpt", tiny_ckpt, "--samples", "6", "--steps", "2"],
+                           cwd=root, capture_output=True,
                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         rows[name] = [line for line in r.stdout.splitlines() if line.startswith("| DiT-T/4")]

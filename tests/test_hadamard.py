@@ -27,8 +27,10 @@ def test_paley_matrices_are_not_all_symmetric_so_inverse_is_the_transpose():
     H = hadamard.base_matrix(12)  # Paley I: I + skew
     assert not torch.equal(H, H.T)
     x = torch.randn(5, 12 * 8)
-    torch.testing.assert_close(hadamard.transform(hadamard.transform(x), inverse=True), x, atol=1e-5, rtol=0)
-    torch.testing.assert_close(hadamard.transform(hadamard.transform(x, inverse=True)), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hadamard.transform(hadamard.transform(x), inverse=True), x,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(hadamard.transform(hadamard.transform(x, inverse=True)), x,
+                               atol=1e-5, rtol=0)
 
 
 def test_bf16_transform_is_close():
@@ -72,5 +74,6 @@ def test_lesson_shows_the_outliers_spread():
     from conftest import lesson_output
     rows = {l.split()[0]: [float(v) for v in l.split()[1:]] for l in lesson_output("hadamard.py").splitlines()
             if l.split() and l.split()[0] in ("raw", "Hadamard")}
-    assert rows["Hadamard"][0] < rows["raw"][0] / 3  # max/RMS: the outliers are spread over all channels
+    # max/RMS: the outliers are spread over all channels
+    assert rows["Hadamard"][0] < rows["raw"][0] / 3
     assert rows["Hadamard"][2] < rows["raw"][2]  # and the 4-bit error drops

@@ -1,5 +1,6 @@
-"""integer.py: IntLinear gives the simulation's codes and exactly the output its codes imply, no float
-weight is kept, HQ-DM's integer weight is exact, the GEMM is torch._int_mm on int8 operands."""
+"""integer.py: IntLinear gives the simulation's codes and exactly the output its codes imply, no
+float weight is kept, HQ-DM's integer weight is exact, the GEMM is torch._int_mm on int8
+operands."""
 import pytest
 import torch
 import torch.nn as nn
@@ -23,8 +24,8 @@ def sim_codes(q, x):
 
 
 def check_integer_layer(q, x, kernel, gemm="auto"):
-    """q (a QuantLinear) -> its IntLinear: the same codes as the simulation (up to rounding ties on the
-    C kernel), the output its codes give exactly, and (torch path) the simulation's output."""
+    """q (a QuantLinear) -> its IntLinear: the same codes as the simulation (up to rounding ties on
+    the C kernel), the output its codes give exactly, and (torch path) the simulation's output."""
     if kernel and not KERNEL:
         pytest.skip("C kernel unavailable")
     y_sim, w_sim = q(x), q.qweight().detach()
@@ -42,13 +43,15 @@ def check_integer_layer(q, x, kernel, gemm="auto"):
     torch.testing.assert_close(codes.float() * iq.w_scale, w_sim, atol=1e-6, rtol=0)
     tokens = x.shape[-2]
     q_int, st, mu_t, lr = iq.quantize_input(x.reshape(-1, K), tokens)
-    q_int = (q_int.to(torch.int16) - iq.offset_codes).to(torch.int8)  # oneDNN's codes are stored + 128
+    # oneDNN's codes are stored + 128
+    q_int = (q_int.to(torch.int16) - iq.offset_codes).to(torch.int8)
     if kernel:
         assert_codes_match_up_to_ties(q_int[:, :K], codes_sim, v)
     else:
         assert torch.equal(q_int[:, :K], codes_sim)  # the very same integers
     y = iq(x)
-    # what these codes must give, in float64: the integer GEMM leaves nothing but the scales to round
+    # what these codes must give, in float64: the integer GEMM leaves nothing but the scales to
+    # round
     R = iq.w_codes.double() if not iq.single else \
         quant.hadamard.transform(codes.double(), block=iq.block, signs=iq.signs) * (iq.block or K) ** 0.5
     Rw = R[:N] if iq.dup16 or iq.single else R
@@ -66,7 +69,8 @@ def check_integer_layer(q, x, kernel, gemm="auto"):
 
 @pytest.mark.parametrize("kernel,gemm", [(False, "int_mm"), (True, "int_mm"), (True, "onednn")])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8), (4, 4)])
-@pytest.mark.parametrize("kw", [dict(), dict(rotate=True), dict(rotate=True, center="dynamic", scale="s"),
+@pytest.mark.parametrize("kw",
+                         [dict(), dict(rotate=True), dict(rotate=True, center="dynamic", scale="s"),
                                 dict(rotate=True, center="static", signs="r")])
 def test_integer_layer_equals_simulation(bits, kw, kernel, gemm):
     torch.manual_seed(0)
@@ -80,7 +84,8 @@ def test_integer_layer_equals_simulation(bits, kw, kernel, gemm):
     if kw.get("center") == "static":
         kw["static_mean"] = torch.randn(192)
     with torch.no_grad():
-        check_integer_layer(QuantLinear(lin, QConfig(bits[0], range="mse"), QConfig(bits[1]), **kw), x, kernel, gemm)
+        check_integer_layer(QuantLinear(lin, QConfig(bits[0], range="mse"), QConfig(bits[1]), **kw),
+                            x, kernel, gemm)
 
 
 def test_integer_layer_multiplies_int8_codes_with_int_mm(monkeypatch):
@@ -121,13 +126,15 @@ def test_static_per_timestep_scales_follow_each_samples_timestep(kernel):
     assert q.a_scale.shape == (4,) and (q.a_scale > 0).all() and q.a_scale.unique().numel() > 1
     x, y = torch.randn(2, 1, 32, 32), torch.tensor([1, 2])
     with torch.no_grad():
-        m.forward_with_cfg(torch.cat([x, x]), torch.tensor([10, 900, 10, 900]), torch.tensor([1, 2, 10, 10]), 2.0)
+        m.forward_with_cfg(torch.cat([x, x]), torch.tensor([10, 900, 10, 900]),
+                           torch.tensor([1, 2, 10, 10]), 2.0)
         assert q.t_bucket.tolist() == [0, 3, 0, 3]  # the hook fires under CFG too
         q.t_bucket = torch.tensor([0, 3])
         check_integer_layer(q, torch.randn(2, 64, 768), kernel)
         integer.to_integer(m)
         m(x, torch.tensor([10, 900]), y)
-        assert m.blocks[0].mlp.fc2.t_bucket.tolist() == [0, 3]  # the integer layers get their buckets too
+        # the integer layers get their buckets too
+        assert m.blocks[0].mlp.fc2.t_bucket.tolist() == [0, 3]
 
 
 # --- HQ-DM single Hadamard -----------------------------------------------------------------------
@@ -139,7 +146,8 @@ def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits, ker
     torch.manual_seed(0)
     lin = nn.Linear(192, 96)
     x = torch.randn(2, 16, 192) + torch.randn(192)
-    q = QuantLinear(lin, QConfig(4, range="mse"), QConfig(abits), rotate=True, single=True, block=block)
+    q = QuantLinear(lin, QConfig(4, range="mse"), QConfig(abits), rotate=True, single=True,
+                    block=block)
     torch.testing.assert_close(q.weight, lin.weight)  # the weight is NOT rotated
     q.quantize_enabled = False
     torch.testing.assert_close(q(x), lin(x), atol=1e-5, rtol=1e-5)
@@ -147,7 +155,8 @@ def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits, ker
     with torch.no_grad():
         iq = check_integer_layer(q, x, kernel)
     codes = quant.unpack_int4(iq.w_int).double()
-    R = (quant.hadamard.transform(codes, block=block) * (block or 192) ** 0.5).round().long()  # exact integers
+    # exact integers
+    R = (quant.hadamard.transform(codes, block=block) * (block or 192) ** 0.5).round().long()
     D = iq.w_codes.long()
     if abits <= 4:  # one GEMM of width 2K: R = d0 + 16 d1
         assert iq.dup16 and D.shape == (96, 384)
@@ -161,7 +170,8 @@ def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits, ker
 def test_single_matmul_is_exact_in_int32_and_where_int32_could_overflow(k, abits, wide):
     torch.manual_seed(0)
     lin = nn.Linear(k, 8)
-    lin.weight.data[0] = 0.1  # a constant row: H concentrates it into one entry of 7·K, the largest |R| can be
+    # a constant row: H concentrates it into one entry of 7·K, the largest |R| can be
+    lin.weight.data[0] = 0.1
     q = integer.to_integer(QuantLinear(lin, QConfig(4), QConfig(abits), rotate=True, single=True))
     codes = quant.unpack_int4(q.w_int).double()
     R = (quant.hadamard.transform(codes) * k ** 0.5).round().long()  # (8, K)
@@ -173,12 +183,14 @@ def test_single_matmul_is_exact_in_int32_and_where_int32_could_overflow(k, abits
     assert torch.equal(got.long(), xq.long() @ R.T)
 
 
-@pytest.mark.parametrize("k,n", [(1152, 4608), (4608, 1152)])  # DiT-XL/2 fc1 and fc2: 36·32 and 36·128
+# DiT-XL/2 fc1 and fc2: 36·32 and 36·128
+@pytest.mark.parametrize("k,n", [(1152, 4608), (4608, 1152)])
 def test_xl_width_hadanorm_integer_path_equals_simulation(k, n):
     torch.manual_seed(0)
     lin = nn.Linear(k, n)
     x = torch.randn(2, 8, k) + torch.randn(k)
-    q = QuantLinear(lin, QConfig(4), QConfig(4), center="dynamic", scale=torch.rand(k) + 0.5, rotate=True)
+    q = QuantLinear(lin, QConfig(4), QConfig(4), center="dynamic", scale=torch.rand(k) + 0.5,
+                    rotate=True)
     with torch.no_grad():
         check_integer_layer(q, x, KERNEL)
 
@@ -188,8 +200,8 @@ def test_xl_width_hadanorm_integer_path_equals_simulation(k, n):
 @pytest.mark.skipif(not KERNEL, reason="C kernel unavailable")
 @pytest.mark.parametrize("method", ["hadanorm", "svdquant-hadanorm"])
 def test_fused_mlp_equals_fc1_gelu_fc2(method):
-    """IntMlp's one C pass (fc1's accumulator -> GELU -> fc2's codes, low-rank branches included) gives
-    what fc1, GELU and fc2 give one after the other."""
+    """IntMlp's one C pass (fc1's accumulator -> GELU -> fc2's codes, low-rank branches included)
+    gives what fc1, GELU and fc2 give one after the other."""
     import calibrate
     torch.manual_seed(0)
     m = dit.build(dit.TINY, depth=1).eval()
@@ -204,4 +216,5 @@ def test_fused_mlp_equals_fc1_gelu_fc2(method):
         fused = mlp(x)
         unfused = mlp.fc2(mlp.act(mlp.fc1(x)))  # the same layers, through a float GELU activation
     rel = (fused - unfused).abs() / unfused.abs().max()
-    assert rel.max() < 2e-2 and (rel > 1e-4).float().mean() < 1e-2  # equal but for a code on a rounding tie
+    # equal but for a code on a rounding tie
+    assert rel.max() < 2e-2 and (rel > 1e-4).float().mean() < 1e-2

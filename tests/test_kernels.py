@@ -1,5 +1,6 @@
-"""kernels.py: the C activation kernel gives the torch reference's codes (up to exact rounding ties),
-the fused GELU pass equals GELU then quantization, the integer GEMMs are exact, fallbacks work."""
+"""kernels.py: the C activation kernel gives the torch reference's codes (up to exact rounding
+ties), the fused GELU pass equals GELU then quantization, the integer GEMMs are exact, fallbacks
+work."""
 import pytest
 import torch
 
@@ -36,7 +37,8 @@ CASES = [  # K, keyword arguments of act_quant
     (192, dict(center=True, rotate=True, ratio="r")),  # QAT's learned clip ratio per sample
     (192, dict(rotate=True, step="s")),  # static steps per sample
     (192, dict(center=True, rotate=True, dup16=True)),  # HQ-DM's [q, 16 q]
-    (192, dict(center=True, scale="s", rotate=True, lora_vt="v")),  # SVDQuant's branch: x V in the same pass
+    # SVDQuant's branch: x V in the same pass
+    (192, dict(center=True, scale="s", rotate=True, lora_vt="v")),
     (768, dict(rotate=True, lora_vt="v")),
 ]
 
@@ -45,7 +47,8 @@ def make(K, kw, S=6, T=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(S * T, K, generator=g) * (1 + torch.rand(K, generator=g)) + torch.randn(K, generator=g)
     kw = dict(kw)
-    fills = {"s": lambda: torch.rand(K, generator=g) + 0.5, "r": lambda: hadamard.random_signs(K, 3)}
+    fills = {"s": lambda: torch.rand(K, generator=g) + 0.5,
+             "r": lambda: hadamard.random_signs(K, 3)}
     if kw.get("scale") == "s":
         kw["scale"] = fills["s"]()
     if kw.get("signs") == "r":
@@ -104,9 +107,11 @@ def test_fused_gelu_pass_equals_gelu_then_quantization(center, lora):
     pre = (acc * st * ws).view(S, T, K) + term.unsqueeze(1)
     pre = pre + (lr1 @ ut1).view(S, T, K) if lora else pre
     h = torch.nn.functional.gelu(pre, approximate="tanh").view(-1, K)
-    qt, stt, mt, lt = kernels.act_quant_torch(h, 4, T, center=center, scale=scale, rotate=True, lora_vt=vt2)
+    qt, stt, mt, lt = kernels.act_quant_torch(h, 4, T, center=center, scale=scale, rotate=True,
+                                              lora_vt=vt2)
     hk, m = kernels.kernel_args(True, None, K)
-    qc, sc, mc, lc = kernels.gelu_quant_c(acc, st, ws, term, 4, T, center, None, scale, None, hk, m, None, None, False,
+    qc, sc, mc, lc = kernels.gelu_quant_c(acc, st, ws, term, 4, T, center, None, scale, None, hk, m,
+                                          None, None, False,
                                           0, lr1, ut1, vt2)
     torch.testing.assert_close(sc, stt, rtol=1e-5, atol=0)  # the GELU agrees to a few ulp
     xs = h.view(S, T, K)

@@ -1,5 +1,5 @@
-"""Tests that see each method's idea, not only that the code runs: hand-computed values and constructed
-cases whose right answer is known, so that a plausible wrong implementation fails (see
+"""Tests that see each method's idea, not only that the code runs: hand-computed values and
+constructed cases whose right answer is known, so that a plausible wrong implementation fails (see
 tests/wrong_answers.json and `python assignments.py --check`)."""
 import torch
 
@@ -14,10 +14,12 @@ def test_smooth_scale_hand_values():
     # s_j = max|x_j|^α / max|W_:,j|^(1-α): at α = 0.5, √(4/1), √(1/4), √(9/9)
     act_max = torch.tensor([4.0, 1.0, 9.0])
     w = torch.tensor([[1.0, -4.0, 2.0], [-0.5, 1.0, -9.0]])
-    torch.testing.assert_close(calibrate.smooth_scale(act_max, w, 0.5), torch.tensor([2.0, 0.5, 1.0]))
+    torch.testing.assert_close(calibrate.smooth_scale(act_max, w, 0.5),
+                               torch.tensor([2.0, 0.5, 1.0]))
     # α = 1: the activation maxima alone; α = 0: one over the weight maxima
     torch.testing.assert_close(calibrate.smooth_scale(act_max, w, 1.0), act_max)
-    torch.testing.assert_close(calibrate.smooth_scale(act_max, w, 0.0), torch.tensor([1.0, 0.25, 1 / 9]))
+    torch.testing.assert_close(calibrate.smooth_scale(act_max, w, 0.0),
+                               torch.tensor([1.0, 0.25, 1 / 9]))
 
 
 def outlier_layer():
@@ -36,8 +38,11 @@ def test_ditas_alpha_search_finds_the_known_best_alpha():
     lin, x = outlier_layer()
     err, a, s = calibrate.search_alpha(lin, x.abs().amax(0), x, QConfig(4), QConfig(4))
     assert a is not None and a >= 0.85, a  # this layer's best is α = 0.95
-    wq_w = quant.fake_quant(lin.weight.detach(), QConfig(4))  # the scales come from the quantized weight
-    err_at = lambda a: calibrate.layer_mse(lin, dict(wq=QConfig(4), aq=QConfig(4), scale=calibrate.smooth_scale(
+    # the scales come from the quantized weight
+    wq_w = quant.fake_quant(lin.weight.detach(), QConfig(4))
+    err_at = lambda a: calibrate.layer_mse(lin,
+                                           dict(wq=QConfig(4), aq=QConfig(4),
+                                                scale=calibrate.smooth_scale(
         x.abs().amax(0), wq_w, a)), x, lin(x))
     assert err <= min(err_at(a) for a in (0.0, 0.5, 0.9, 1.0)) + 1e-9
     assert err < 0.1 * err_at(0.5), (err, err_at(0.5))  # measured: 0.017 against 0.54 at α = 0.5
@@ -62,14 +67,16 @@ def test_lora_alternation_keeps_lowering_the_error_over_its_iterations():
     q = QuantLinear(lin, QConfig(4), None)
     plain = (q.weight - q.qweight()).norm().item()  # no LoRA
     errs = calibrate.lora_correct(q, rank=8, iters=10)
-    assert len(errs) == 10 and errs[-1] < errs[0] - 1e-3 < plain  # later alternations help beyond the first
+    # later alternations help beyond the first
+    assert len(errs) == 10 and errs[-1] < errs[0] - 1e-3 < plain
     assert q.lora_u.shape == (256, 8) and q.lora_v.shape == (8, 192)
 
 
 def test_svdquant_branch_takes_the_top_singular_part_out_of_the_quantized_weight():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 64)
-    lin.weight.data += torch.randn(64, 2) @ torch.randn(2, 96)  # a strong rank-2 part: outliers in W
+    # a strong rank-2 part: outliers in W
+    lin.weight.data += torch.randn(64, 2) @ torch.randn(2, 96)
     q = QuantLinear(lin, QConfig(4), None)
     W = q.weight.detach().clone()
     rtn = (W - q.qweight()).norm().item()
@@ -77,7 +84,8 @@ def test_svdquant_branch_takes_the_top_singular_part_out_of_the_quantized_weight
     S = torch.linalg.svdvals(W)
     assert abs(share - (S[:2] ** 2).sum().item() / (S ** 2).sum().item()) < 1e-5 and share > 0.8
     L = q.lora_u @ q.lora_v
-    torch.testing.assert_close(L, W - q.weight, atol=1e-5, rtol=1e-5)  # the branch is what was taken out
+    # the branch is what was taken out
+    torch.testing.assert_close(L, W - q.weight, atol=1e-5, rtol=1e-5)
     assert torch.linalg.matrix_rank(L).item() == 2
     assert abs(torch.linalg.svdvals(L)[0].item() - S[0].item()) < 1e-3 * S[0].item()
     assert (W - q.qweight() - L).norm().item() < 0.5 * rtn and peak < 0.8
@@ -85,12 +93,14 @@ def test_svdquant_branch_takes_the_top_singular_part_out_of_the_quantized_weight
 
 def test_int4_bytes_hold_even_k_in_the_low_nibble():
     q = torch.tensor([[1, -2, 7, -8]], dtype=torch.int8)
-    assert quant.pack_int4(q).tolist() == [[0xE1, 0x87]]  # -2 = 0xE high, 1 low; -8 = 0x8 high, 7 low
+    # -2 = 0xE high, 1 low; -8 = 0x8 high, 7 low
+    assert quant.pack_int4(q).tolist() == [[0xE1, 0x87]]
     assert quant.unpack_int4(torch.tensor([[0xE1, 0x87]], dtype=torch.uint8)).tolist() == q.tolist()
 
 
 def test_paley_matrix_follows_the_stored_convention():
-    # shipped checkpoints were rotated with this matrix: first row +1, first column -1 below it, I + S
+    # shipped checkpoints were rotated with this matrix: first row +1, first column -1 below it, I +
+    # S
     H = hadamard.base_matrix(12)
     assert (H[0] == 1).all() and (H[1:, 0] == -1).all() and (torch.diagonal(H) == 1).all()
     S = H - torch.eye(12, dtype=H.dtype)
@@ -98,7 +108,8 @@ def test_paley_matrix_follows_the_stored_convention():
 
 
 def test_int_gemm_is_exact_where_float32_rounds():
-    # sums of products up to 127·127 over K = 4096 reach 3e7 > 2^24: float32 cannot hold every such integer
+    # sums of products up to 127·127 over K = 4096 reach 3e7 > 2^24: float32 cannot hold every such
+    # integer
     g = torch.Generator().manual_seed(0)
     a = torch.randint(60, 128, (32, 4096), generator=g, dtype=torch.int8)
     a[:, ::7] *= -1  # some negative products too

@@ -1,4 +1,5 @@
-"""qat.py: LSQ/STE gradients, a QAT step lowers the distillation loss, exact resume, integer == sim."""
+"""qat.py: LSQ/STE gradients, a QAT step lowers the distillation loss, exact resume, integer ==
+sim."""
 import os
 import subprocess
 import sys
@@ -19,7 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture
 def teacher(tmp_path):
-    return save_random_tiny(str(tmp_path / "teacher.pt"), std=0.1)  # larger outputs: a measurable loss
+    # larger outputs: a measurable loss
+    return save_random_tiny(str(tmp_path / "teacher.pt"), std=0.1)
 
 
 def test_lsq_step_gradient_is_the_ste_formula_and_matches_finite_differences_when_clipped():
@@ -29,7 +31,8 @@ def test_lsq_step_gradient_is_the_ste_formula_and_matches_finite_differences_whe
     g_s = torch.autograd.grad(quant.fake_quant_with(x, s, 0.0, cfg).sum(), s)[0]
     v = x / s.detach()
     inside = (v.round() >= -8) & (v.round() <= 7)
-    want = torch.where(inside, v.round() - v, v.round().clamp(-8, 7)).sum()  # LSQ: round(x/s) - x/s, or the clamp level
+    # LSQ: round(x/s) - x/s, or the clamp level
+    want = torch.where(inside, v.round() - v, v.round().clamp(-8, 7)).sum()
     torch.testing.assert_close(g_s, want)
     eps = 1e-4  # where every element is clipped, the function is linear in s: FD must agree
     xc = torch.tensor([-3.0, 2.9, 5.0])
@@ -42,13 +45,15 @@ def test_lsq_step_gradient_is_the_ste_formula_and_matches_finite_differences_whe
 
 
 def test_clip_ratio_gradient_reaches_each_bucket_and_matches_finite_differences_when_clipped():
-    """Per-token steps r_b · max|x̃| / qmax: with every element at its token's max and r < 1 all codes
-    clip, so the layer is linear in r and the LSQ gradient must equal the finite difference."""
+    """Per-token steps r_b · max|x̃| / qmax: with every element at its token's max and r < 1 all
+    codes clip, so the layer is linear in r and the LSQ gradient must equal the finite
+    difference."""
     torch.manual_seed(0)
     q = quant.QuantLinear(torch.nn.Linear(8, 4), QConfig(4), QConfig(4, clip=True, buckets=3))
     q.a_clip = torch.nn.Parameter(torch.tensor([0.5, 0.6, 0.7]))
     q.t_bucket = torch.tensor([0, 2])  # the middle bucket gets no sample: no gradient
-    x = torch.sign(torch.randn(2, 3, 8)) * torch.rand(2, 3, 1)  # (N, T, K): |x| constant along each token
+    # (N, T, K): |x| constant along each token
+    x = torch.sign(torch.randn(2, 3, 8)) * torch.rand(2, 3, 1)
     f = lambda: q(x).sum()
     auto = torch.autograd.grad(f(), q.a_clip)[0]
     assert auto[1] == 0 and auto[0] != 0 and auto[2] != 0
@@ -63,18 +68,22 @@ def test_clip_ratio_gradient_reaches_each_bucket_and_matches_finite_differences_
     torch.testing.assert_close(auto, torch.tensor(fd), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("act,init,loss", [("token", "hadanorm", "guided"), ("static", "hadanorm", "branch"),
+@pytest.mark.parametrize("act,init,loss",
+                         [("token", "hadanorm", "guided"), ("static", "hadanorm", "branch"),
                                            ("token", "svdquant-hadanorm", "guided")])
 def test_a_few_qat_steps_lower_the_distillation_loss(teacher, act, init, loss):
     fp, _ = dit.load_checkpoint(teacher)
     model, rec = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4, act=act, init=init)
-    data = qat.trajectories(fp, n=4, steps=3, cfg_scale=(4.0, 1.5))  # trajectories 0, 2 at CFG 4; 1, 3 at 1.5
+    # trajectories 0, 2 at CFG 4; 1, 3 at 1.5
+    data = qat.trajectories(fp, n=4, steps=3, cfg_scale=(4.0, 1.5))
     one = qat.trajectories(fp, n=4, steps=3, cfg_scale=4.0)
     assert [len(d) for d in data] == [12] * 6 and data[5].tolist() == [4.0, 1.5, 4.0, 1.5] * 3
-    at4 = torch.tensor([0, 2, 4, 6, 8, 10])  # (steps x trajectories): the CFG-4 trajectories agree with `one`
+    # (steps x trajectories): the CFG-4 trajectories agree with `one`
+    at4 = torch.tensor([0, 2, 4, 6, 8, 10])
     for d, o in zip(data, one):
         torch.testing.assert_close(d[at4], o[at4])
-    assert not torch.allclose(data[0][[5, 9]], one[0][[5, 9]])  # the CFG-1.5 ones go elsewhere after step 0
+    # the CFG-1.5 ones go elsewhere after step 0
+    assert not torch.allclose(data[0][[5, 9]], one[0][[5, 9]])
     qs = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
     assert (init == "svdquant-hadanorm") == all(q.lora_u is not None and q.lora_u.requires_grad for q in qs)
     opt = qat.make_optimizer(model, 1e-4, 1e-3)
@@ -85,21 +94,24 @@ def test_a_few_qat_steps_lower_the_distillation_loss(teacher, act, init, loss):
         qat.distill_loss(model, data, loss).backward()
         opt.step()
     a = [q.a_clip if act == "token" else q.a_scale for q in qs]
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a)  # gradients reach the activation steps
+    # gradients reach the activation steps
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a)
     assert all(not torch.equal(p, p0) for p, p0 in zip(a, a0))  # and move them
     assert qat.distill_loss(model, data, loss).item() < before
 
 
 def test_guided_loss_is_the_error_of_what_the_sampler_uses(teacher):
-    """The guided loss equals the MSE of ε_null + s (ε_cond − ε_null) between the two models, at each
-    trajectory's own scale (a loss on the two halves alone does not)."""
+    """The guided loss equals the MSE of ε_null + s (ε_cond − ε_null) between the two models, at
+    each trajectory's own scale (a loss on the two halves alone does not)."""
     fp, _ = dit.load_checkpoint(teacher)
     model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4)
-    quant.set_quantization(model, False)  # no quantizer: the sums must agree to float rounding, whatever the batch
+    # no quantizer: the sums must agree to float rounding, whatever the batch
+    quant.set_quantization(model, False)
     with torch.no_grad():
         for q in model.modules():
             if isinstance(q, quant.QuantLinear):
-                q.weight += 0.01 * torch.randn_like(q.weight)  # a model that differs from the teacher
+                # a model that differs from the teacher
+                q.weight += 0.01 * torch.randn_like(q.weight)
     data = qat.trajectories(fp, n=2, steps=2, cfg_scale=(4.0, 1.5))
     x, t, y, ec, eu, s = data
     with torch.no_grad():
@@ -119,13 +131,15 @@ def test_hadanorm_init_with_token_clip_starts_at_ptq_hadanorm(teacher):
     ptq_model = dit.load_checkpoint(teacher)[0]
     ptq = calibrate.quantize_fp(ptq_model, "hadanorm", 4, 4, calib_n=2, calib_steps=4, seed=0)
     double, rec = qat.prepare(fp, 4, 4, "double", calib_n=2, calib_steps=4)
-    assert rec["center"] == "dynamic" and all(torch.equal(ptq["scales"][k], v) for k, v in rec["scales"].items())
+    assert rec["center"] == "dynamic" and all(torch.equal(ptq["scales"][k], v) for k,
+                                              v in rec["scales"].items())
     with torch.no_grad():
         torch.testing.assert_close(double(x, t, y), ptq_model(x, t, y))
 
 
 def args(teacher, run, iters, *extra):
-    return qat.get_args(["train", "--ckpt", teacher, "--iters", str(iters), "--traj", "2", "--steps", "3",
+    return qat.get_args(["train", "--ckpt", teacher, "--iters", str(iters), "--traj", "2",
+                         "--steps", "3",
                          "--batch-size", "4", "--state-dir", run, "--ckpt-every", "2", *extra])
 
 
@@ -140,7 +154,8 @@ def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teach
 
 @pytest.mark.parametrize("mode,act", [(m, "token") for m in qat.MODES] + [("single", "static")])
 def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode, act):
-    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / mode), 2, "--hadamard", mode, "--act", act))
+    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / mode), 2, "--hadamard", mode,
+                                           "--act", act))
     out = str(tmp_path / f"{mode}.pt")
     qat.export(model, recipe, cfg, out, {})
     loaded, _, rec = calibrate.load_quantized(out)
@@ -156,7 +171,8 @@ def test_bad_input_exit_2(teacher):
     r = subprocess.run([sys.executable, "qat.py", "train", "--ckpt", teacher, "--abits", "2", "--iters", "1"], cwd=ROOT,
                        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 2 and "unsupported bit width 2" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "qat.py", "train", "--ckpt", teacher, "--act", "tensor"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "qat.py", "train", "--ckpt", teacher, "--act", "tensor"],
+                       cwd=ROOT,
                        capture_output=True, text=True)
     assert r.returncode == 2 and "invalid choice: 'tensor'" in r.stderr
 
@@ -164,11 +180,14 @@ def test_bad_input_exit_2(teacher):
 def test_two_process_torchrun_matches_one_process(tmp_path, teacher):
     import re
     runs = {"one": [sys.executable, "qat.py"],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "qat.py"]}
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", "qat.py"]}
     got = {}
     for name, cmd in runs.items():
-        r = subprocess.run(cmd + ["train", "--ckpt", teacher, "--iters", "3", "--traj", "2", "--steps", "3", "--batch-size", "4",
-                                  "--state-dir", str(tmp_path / name)], cwd=ROOT, capture_output=True, text=True,
+        r = subprocess.run(cmd + ["train", "--ckpt", teacher, "--iters", "3", "--traj", "2",
+                                  "--steps", "3", "--batch-size", "4",
+                                  "--state-dir", str(tmp_path / name)], cwd=ROOT,
+                                      capture_output=True, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         m = re.search(r"loss (\S+) \(first \d+\) -> (\S+) \(last", r.stdout)
@@ -191,7 +210,8 @@ def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
     model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / "r"), 1))
     out = str(tmp_path / "q.pt")
     qat.export(model, recipe, cfg, out, {})
-    evaluate.main(["table", "--ckpt", teacher, "--n", "4", "--steps", "2", "--settings", "", "--methods", "",
+    evaluate.main(["table", "--ckpt", teacher, "--n", "4", "--steps", "2", "--settings", "",
+                   "--methods", "",
                    "--qckpt", out, "--compile", "off"])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
     assert rows[1].startswith("| FP32 | fp32 (eager) | 1.5 | 4 |")
@@ -202,8 +222,9 @@ def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
     got = float(capsys.readouterr().out.split("MSE(ε_q, ε_fp) ")[1].split()[0])
     want = qat.score(calibrate.load_quantized(out)[0], data)
     assert abs(got - want) <= 1e-3 * want  # the CLI prints score() of the loaded checkpoint
-    # chunks are weighted by their size (6 = 5 + 1): exact where no quantizer can flip a code with the
-    # batch shape (a 4-bit model's loss moves with the GEMM kernel a batch shape picks, by ~1e-4 on AMX)
+    # chunks are weighted by their size (6 = 5 + 1): exact where no quantizer can flip a code with
+    # the batch shape (a 4-bit model's loss moves with the GEMM kernel a batch shape picks, by ~1e-4
+    # on AMX)
     noisy = qat.prepare(fp, 8, 8, "none", init="plain")[0]
     with torch.no_grad():
         quant.set_quantization(noisy, False)
@@ -221,13 +242,16 @@ def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teache
     wbits, abits = sample.SETTINGS[setting]
     tag, ptq = setting.upper(), sample.BEST_METHOD[setting]
     png = str(tmp_path / "s.png")
-    base = ["--ckpt", teacher, f"--{setting}", "--method", "hqdm", "--n", "2", "--steps", "2", "--out", png,
+    base = ["--ckpt", teacher, f"--{setting}", "--method", "hqdm", "--n", "2", "--steps", "2",
+            "--out", png,
             "--compile", "off"]
     with pytest.raises(ValueError, match="QAT checkpoints come from training"):
         sample.main(base)  # never calibrated on the fly
     path = sample.quantized_path(teacher, setting, "hqdm")
-    qat.main(["train", "--ckpt", teacher, "--wbits", str(wbits), "--abits", str(abits), "--iters", "1", "--traj",
-              "2", "--steps", "3", "--batch-size", "4", "--state-dir", str(tmp_path / "run"), "--out", path])
+    qat.main(["train", "--ckpt", teacher, "--wbits", str(wbits), "--abits", str(abits), "--iters",
+              "1", "--traj",
+              "2", "--steps", "3", "--batch-size", "4", "--state-dir", str(tmp_path / "run"),
+                  "--out", path])
     capsys.readouterr()
     sample.main(base)
     assert f"{tag} hqdm-single integer (loaded" in capsys.readouterr().out
@@ -244,6 +268,7 @@ def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teache
     sample.main(plain)  # a stale QAT file is not the default: the best PTQ recipe, calibrated now
     assert f"{tag} {ptq} integer (calibrated" in capsys.readouterr().out
     w4a4 = [a if a != f"--{setting}" else "--w4a4" for a in plain]
-    if "w4a4" not in sample.BEST_QAT:  # --w4a4's default is a PTQ recipe even with a QAT file beside --ckpt
+    # --w4a4's default is a PTQ recipe even with a QAT file beside --ckpt
+    if "w4a4" not in sample.BEST_QAT:
         sample.main(w4a4)
         assert f"W4A4 {sample.BEST_METHOD['w4a4']} integer (calibrated" in capsys.readouterr().out

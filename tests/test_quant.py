@@ -61,8 +61,10 @@ def test_bad_bit_width():
         QConfig(1)
 
 
-TRANSFORMS = [dict(), dict(rotate=True), dict(rotate=True, center="dynamic"), dict(center="dynamic"),
-              dict(scale="s"), dict(scale="s", rotate=True, center="dynamic"), dict(rotate=True, block=64),
+TRANSFORMS = [dict(), dict(rotate=True), dict(rotate=True, center="dynamic"),
+              dict(center="dynamic"),
+              dict(scale="s"), dict(scale="s", rotate=True, center="dynamic"),
+                  dict(rotate=True, block=64),
               dict(rotate=True, signs="r"), dict(center="static")]
 
 
@@ -110,7 +112,9 @@ def test_quantized_tiny_model_with_quantization_off_equals_fp():
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([3, 700]), torch.tensor([1, 4])
     with torch.no_grad():
         ref = m(x, t, y)
-        quant.quantize_model(m, {"wq": QConfig(4), "aq": QConfig(4), "rotate": True, "center": "dynamic"})
+        quant.quantize_model(m,
+                             {"wq": QConfig(4), "aq": QConfig(4), "rotate": True,
+                              "center": "dynamic"})
         quant.set_quantization(m, False)
         torch.testing.assert_close(m(x, t, y), ref, atol=1e-5, rtol=1e-4)
         quant.set_quantization(m, True)
@@ -124,7 +128,8 @@ def test_pack_unpack_round_trip_every_int4_value():
     p = quant.pack_int4(q)
     assert p.dtype == torch.uint8 and p.shape == (5, 23)
     assert torch.equal(quant.unpack_int4(p), q)
-    assert quant.pack_int4(torch.tensor([[1, -1]], dtype=torch.int8)).item() == 0xF1  # low nibble = even k
+    # low nibble = even k
+    assert quant.pack_int4(torch.tensor([[1, -1]], dtype=torch.int8)).item() == 0xF1
     with pytest.raises(ValueError, match="even K"):
         quant.pack_int4(torch.zeros(2, 5, dtype=torch.int8))
     with pytest.raises(ValueError, match="uint8"):

@@ -1,5 +1,6 @@
-"""Nothing lost on bad input: outputs never replace inputs or shipped files, writes are atomic, output
-paths and numbers are checked before the slow part, nothing non-finite is written, corrupt files are
+"""Nothing lost on bad input: outputs never replace inputs or shipped files, writes are atomic,
+output paths and numbers are checked before the slow part, nothing non-finite is written, corrupt
+files are
 one-line errors (or a cache is rebuilt), official train.py checkpoints load."""
 import argparse
 import os
@@ -25,13 +26,17 @@ def one_line_exit_2(r, msg):
 def test_outputs_never_replace_an_input_or_a_shipped_file(tmp_path, tiny_ckpt):
     before = {p: os.path.getmtime(os.path.join(ROOT, p)) for p in (SHIPPED, "checkpoints/fm_classifier.pt")}
     t0 = time.time()
-    one_line_exit_2(run_script("calibrate.py", "--ckpt", tiny_ckpt, "--out", tiny_ckpt), "is also this run's input")
+    one_line_exit_2(run_script("calibrate.py", "--ckpt", tiny_ckpt, "--out", tiny_ckpt),
+                    "is also this run's input")
     one_line_exit_2(run_script("calibrate.py", "--out", SHIPPED), "is also this run's input")
-    one_line_exit_2(run_script("qat.py", "train", "--ckpt", tiny_ckpt, "--out", SHIPPED), "would replace a shipped")
-    one_line_exit_2(run_script("evaluate.py", "table", "--ckpt", tiny_ckpt, "--out", SHIPPED), "would replace a shipped")
+    one_line_exit_2(run_script("qat.py", "train", "--ckpt", tiny_ckpt, "--out", SHIPPED),
+                    "would replace a shipped")
+    one_line_exit_2(run_script("evaluate.py", "table", "--ckpt", tiny_ckpt, "--out", SHIPPED),
+                    "would replace a shipped")
     one_line_exit_2(run_script("evaluate.py", "train-classifier", "--out", "checkpoints/fm_classifier.pt"),
                     "would replace a shipped file")
-    one_line_exit_2(run_script("train.py", "--out", SHIPPED, "--run-dir", str(tmp_path / "r")), "shipped file")
+    one_line_exit_2(run_script("train.py", "--out", SHIPPED, "--run-dir", str(tmp_path / "r")),
+                    "shipped file")
     assert time.time() - t0 < 60  # refused before any slow work
     assert before == {p: os.path.getmtime(os.path.join(ROOT, p)) for p in before}
 
@@ -43,9 +48,11 @@ def test_output_paths_are_checked_before_the_slow_part(tmp_path, tiny_ckpt):
     cases = [("calibrate.py", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "no" / "q.pt"), "does not exist"),
              ("calibrate.py", "--ckpt", tiny_ckpt, "--out", str(tmp_path), "is a folder"),
              ("qat.py", "train", "--ckpt", tiny_ckpt, "--out", str(tmp_path / "no" / "q.pt"), "does not exist"),
-             ("train.py", "--run-dir", str(tmp_path / "r"), "--out", str(tmp_path / "no" / "m.pt"), "does not exist")]
+             ("train.py", "--run-dir", str(tmp_path / "r"), "--out", str(tmp_path / "no" / "m.pt"),
+              "does not exist")]
     if os.geteuid() != 0:  # root writes anywhere
-        cases.append(("calibrate.py", "--ckpt", tiny_ckpt, "--out", str(ro / "q.pt"), "is not writable"))
+        cases.append(("calibrate.py", "--ckpt", tiny_ckpt, "--out", str(ro / "q.pt"),
+                      "is not writable"))
     for *args, msg in cases:
         t0 = time.time()
         one_line_exit_2(run_script(*args), msg)
@@ -95,7 +102,8 @@ def test_npz_is_written_atomically_and_loads(tmp_path):
 
 def test_nothing_non_finite_is_written_or_loaded(tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match="b holds NaN"):
-        common.atomic_save({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])}, str(tmp_path / "x.pt"))
+        common.atomic_save({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])},
+                           str(tmp_path / "x.pt"))
     assert "x.pt" not in os.listdir(tmp_path)
     ck = torch.load(tiny_ckpt, weights_only=True)
     name = next(k for k, v in ck["model"].items() if v.is_floating_point())
@@ -104,7 +112,8 @@ def test_nothing_non_finite_is_written_or_loaded(tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         dit.load_checkpoint(str(tmp_path / "inf.pt"))
     out = tmp_path / "nan.png"
-    one_line_exit_2(run_script("sample.py", "--ckpt", str(tmp_path / "inf.pt"), "--n", "2", "--steps", "2",
+    one_line_exit_2(run_script("sample.py", "--ckpt", str(tmp_path / "inf.pt"), "--n", "2",
+                               "--steps", "2",
                                "--out", str(out)), "NaN or Inf")
     assert not out.exists()
 
@@ -117,7 +126,8 @@ def test_sampling_that_goes_non_finite_writes_nothing(tmp_path, tiny_ckpt):
     bad = str(tmp_path / "big.pt")
     torch.save(ck, bad)
     out = tmp_path / "s.png"
-    r = run_script("sample.py", "--ckpt", bad, "--n", "2", "--steps", "4", "--cfg-scale", "90", "--out", str(out))
+    r = run_script("sample.py", "--ckpt", bad, "--n", "2", "--steps", "4", "--cfg-scale", "90",
+                   "--out", str(out))
     if r.returncode == 0:  # this CPU kept it finite: then the grid must be a real one
         assert out.exists()
     else:
@@ -134,7 +144,8 @@ def test_corrupt_files_are_one_line_errors_naming_the_file(tmp_path, fake_fmnist
     one_line_exit_2(run_script("sample.py", "--qckpt", str(trunc), "--n", "2"), str(trunc))
     os.makedirs(tmp_path / "run")
     (tmp_path / "run" / "state.pt").write_bytes(b"garbage")
-    one_line_exit_2(run_script("train.py", "--run-dir", str(tmp_path / "run"), "--resume", "--data-dir", fake_fmnist,
+    one_line_exit_2(run_script("train.py", "--run-dir", str(tmp_path / "run"), "--resume",
+                               "--data-dir", fake_fmnist,
                                "--iters", "2"), "state.pt")
     gz = os.path.join(fake_fmnist, "train-images-idx3-ubyte.gz")
     open(gz, "wb").write(os.urandom(200))
@@ -147,7 +158,8 @@ def test_corrupt_files_are_one_line_errors_naming_the_file(tmp_path, fake_fmnist
 
 def test_a_corrupt_calibration_cache_is_rebuilt_with_a_warning(tmp_path, tiny_ckpt, capsys):
     png = str(tmp_path / "s.png")
-    base = ["--ckpt", tiny_ckpt, "--w8a8", "--method", "rtn", "--n", "2", "--steps", "2", "--out", png,
+    base = ["--ckpt", tiny_ckpt, "--w8a8", "--method", "rtn", "--n", "2", "--steps", "2", "--out",
+            png,
             "--compile", "off"]
     sample.main(base)
     cache = sample.quantized_path(tiny_ckpt, "w8a8", "rtn")
@@ -170,5 +182,6 @@ def test_official_train_py_checkpoint_with_its_argparse_namespace_loads(tmp_path
 
 def test_os_errors_are_one_line():
     r = run_script("-c", f"import sys; sys.path.insert(0, {ROOT!r}); import common\n"
-                         f"def main(): raise PermissionError(13, 'Permission denied', 'x.pt')\ncommon.run_cli(main)")
+                         f"def main(): raise PermissionError(13, 'Permission denied', "
+                         f"'x.pt')\ncommon.run_cli(main)")
     one_line_exit_2(r, "x.pt: Permission denied")

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_cli(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, env=env)
 
 
 def test_cli_end_to_end_is_deterministic(tmp_path, tiny_ckpt):
@@ -34,7 +35,8 @@ def test_cli_end_to_end_is_deterministic(tmp_path, tiny_ckpt):
 
 def test_ddpm_and_class_selection(tmp_path, tiny_ckpt):
     out = tmp_path / "g.png"
-    sample.main(["--ckpt", tiny_ckpt, "--n", "4", "--steps", "2", "--sampler", "ddpm", "--classes", "7,3",
+    sample.main(["--ckpt", tiny_ckpt, "--n", "4", "--steps", "2", "--sampler", "ddpm", "--classes",
+                 "7,3",
                  "--out", str(out)])
     assert out.exists()
     assert diffusion.class_labels(5, [7, 3]).tolist() == [7, 3, 7, 3, 7]
@@ -81,7 +83,8 @@ def test_missing_and_corrupt_checkpoints_exit_2(tmp_path):
 
 def test_w4a4_calibrates_once_then_loads_the_packed_checkpoint(tmp_path, tiny_ckpt, capsys):
     out = str(tmp_path / "q.png")
-    base = ["--ckpt", tiny_ckpt, "--w4a4", "--method", "hadanorm", "--n", "2", "--steps", "2", "--out", out]
+    base = ["--ckpt", tiny_ckpt, "--w4a4", "--method", "hadanorm", "--n", "2", "--steps", "2",
+            "--out", out]
     sample.main(base)
     first = capsys.readouterr().out
     cache = sample.quantized_path(tiny_ckpt, "w4a4", "hadanorm")
@@ -101,7 +104,8 @@ def test_w4a4_calibrates_once_then_loads_the_packed_checkpoint(tmp_path, tiny_ck
 
 
 def test_compare_fp_reports_psnr_and_model_mismatch_is_refused(tmp_path, tiny_ckpt, capsys):
-    sample.main(["--ckpt", tiny_ckpt, "--w8a8", "--method", "rtn", "--n", "2", "--steps", "2", "--compare-fp",
+    sample.main(["--ckpt", tiny_ckpt, "--w8a8", "--method", "rtn", "--n", "2", "--steps", "2",
+                 "--compare-fp",
                  "--out", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     assert "W8A8 rtn integer" in out and "PSNR vs FP" in out
@@ -112,9 +116,11 @@ def test_compare_fp_reports_psnr_and_model_mismatch_is_refused(tmp_path, tiny_ck
 
 def test_simulate_agrees_with_integer(tmp_path, tiny_ckpt):
     a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
-    sample.main(["--ckpt", tiny_ckpt, "--w4a8", "--method", "rtn", "--n", "2", "--steps", "2", "--out",
+    sample.main(["--ckpt", tiny_ckpt, "--w4a8", "--method", "rtn", "--n", "2", "--steps", "2",
+                 "--out",
                  str(tmp_path / "a.png"), "--npz", a])
-    sample.main(["--ckpt", tiny_ckpt, "--w4a8", "--method", "rtn", "--n", "2", "--steps", "2", "--simulate",
+    sample.main(["--ckpt", tiny_ckpt, "--w4a8", "--method", "rtn", "--n", "2", "--steps", "2",
+                 "--simulate",
                  "--out", str(tmp_path / "b.png"), "--npz", b])
     diff = np.abs(np.load(a)["arr_0"].astype(int) - np.load(b)["arr_0"].astype(int))
     assert diff.max() <= 1  # uint8 pixels: equal up to float rounding
@@ -127,7 +133,8 @@ def test_quantized_bad_input_exit_2(tmp_path, tiny_ckpt):
                  "--out", str(tmp_path / "x.png")])
     path = sample.quantized_path(tiny_ckpt, "w4a4", "hadanorm")
     ck = torch.load(path, weights_only=True)
-    ck["model"]["blocks.0.attn.qkv.w_int"] = ck["model"]["blocks.0.attn.qkv.w_int"].to(torch.int32)  # corrupt
+    # corrupt
+    ck["model"]["blocks.0.attn.qkv.w_int"] = ck["model"]["blocks.0.attn.qkv.w_int"].to(torch.int32)
     torch.save(ck, tmp_path / "bad.pt")
     r = run_cli("--qckpt", str(tmp_path / "bad.pt"), "--n", "2")
     assert r.returncode == 2 and "w_int" in r.stderr and "Traceback" not in r.stderr
@@ -151,7 +158,8 @@ def test_official_checkpoint_with_vae_end_to_end(tmp_path):
     assert "DiT-S/4 fp32" in r.stdout
     from PIL import Image
     assert Image.open(out).mode == "RGB"
-    r = run_cli("--ckpt", str(tmp_path / "official.pt"), "--model", "DiT-S/4", "--image-size", "64", "--n", "1")
+    r = run_cli("--ckpt", str(tmp_path / "official.pt"), "--model", "DiT-S/4", "--image-size", "64",
+                "--n", "1")
     assert r.returncode == 2 and "--vae" in r.stderr
     r = run_cli("--ckpt", str(tmp_path / "official.pt"), "--model", "DiT-S/2", "--image-size", "64",
                 "--vae", str(tmp_path / "vae.bin"), "--n", "1")  # a checkpoint of the wrong size
@@ -172,8 +180,10 @@ def test_first_run_samples_exactly_what_later_runs_load(tmp_path, tiny_ckpt, bit
     runs = []
     for i in range(2):
         npz = str(tmp_path / f"{i}.npz")
-        sample.main(["--ckpt", ckpt, bits, "--n", "4", "--steps", "3", "--out", str(tmp_path / f"{i}.png"),
+        sample.main(["--ckpt", ckpt, bits, "--n", "4", "--steps", "3", "--out",
+                     str(tmp_path / f"{i}.png"),
                      "--npz", npz, "--compile", "off"])
         runs.append(np.load(npz)["arr_0"])
-    assert len([f for f in os.listdir(tmp_path) if f.endswith("_ditas.pt")]) == 1  # calibrated once, then loaded
+    # calibrated once, then loaded
+    assert len([f for f in os.listdir(tmp_path) if f.endswith("_ditas.pt")]) == 1
     assert np.array_equal(runs[0], runs[1])

@@ -1,5 +1,5 @@
-"""The files under checkpoints/ that git ships: each loads with every key and shape, was made from the
-shipped FP model, and samples close to it from the same noise; the defaults select them."""
+"""The files under checkpoints/ that git ships: each loads with every key and shape, was made from
+the shipped FP model, and samples close to it from the same noise; the defaults select them."""
 import os
 import subprocess
 
@@ -47,7 +47,8 @@ def test_shipped_checkpoint_loads_and_samples_near_fp(name, fp_images):
     bits, method = name[len("dit_t4_"):-3].split("_", 1)
     assert f"w{recipe['wq'].bits}a{recipe['aq'].bits}" == bits and recipe["method"].startswith(method)
     for c, floor in zip((4.0, 1.5), FLOOR[name]):
-        got = sample.psnr(sample.generate(model, torch.arange(10), steps=10, cfg_scale=c, seed=0), fp_images[c])
+        got = sample.psnr(sample.generate(model, torch.arange(10), steps=10, cfg_scale=c, seed=0),
+                          fp_images[c])
         assert got >= floor, (name, c, got)
 
 

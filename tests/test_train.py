@@ -38,9 +38,11 @@ def args_for(out, data_dir, steps, resume=False):
 
 def test_save_stop_resume_gives_the_same_losses(tmp_path, fake_fmnist):
     full = train.train(args_for(str(tmp_path / "a"), fake_fmnist, 5))
-    first = train.train(args_for(str(tmp_path / "b"), fake_fmnist, 3))  # stops after its step-3 save
+    # stops after its step-3 save
+    first = train.train(args_for(str(tmp_path / "b"), fake_fmnist, 3))
     rest = train.train(args_for(str(tmp_path / "b"), fake_fmnist, 5, resume=True))
-    assert len(full) == 5 and first + rest == full  # bit-exact continuation: model, opt, EMA and RNGs
+    # bit-exact continuation: model, opt, EMA and RNGs
+    assert len(full) == 5 and first + rest == full
     a = torch.load(tmp_path / "a" / "state.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "state.pt", weights_only=True)
     assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
@@ -67,11 +69,13 @@ def test_two_process_torchrun_matches_one_process(tmp_path, fake_fmnist):
               "--log-every", "1", "--seed", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     runs = {"one": [sys.executable, "train.py"],
-            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py"]}
+            "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", "train.py"]}
     losses, states = {}, {}
     for name, cmd in runs.items():
         out = str(tmp_path / name)
-        r = subprocess.run(cmd + common + ["--run-dir", out], cwd=root, capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run(cmd + common + ["--run-dir", out], cwd=root, capture_output=True,
+                           text=True, env=env, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         losses[name] = [json.loads(line)["loss"] for line in open(os.path.join(out, "log.jsonl"))]
         states[name] = torch.load(os.path.join(out, "state.pt"), weights_only=True)["model"]

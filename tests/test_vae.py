@@ -29,7 +29,8 @@ def test_loads_diffusers_keys_and_decodes_to_256px(tmp_path, old_names, conv_att
     torch.save(sd, tmp_path / "vae.bin")
     model = vae.load_vae(str(tmp_path / "vae.bin"))
     q = sd["decoder.mid_block.attentions.0.query.weight" if old_names else "decoder.mid_block.attentions.0.to_q.weight"]
-    torch.testing.assert_close(model.decoder.mid_block.attentions[0].to_q.weight, q.reshape(512, 512))
+    torch.testing.assert_close(model.decoder.mid_block.attentions[0].to_q.weight,
+                               q.reshape(512, 512))
     if not conv_attention and old_names:  # decoding is the same for every variant: do it once
         x = model.decode(torch.randn(1, 4, 32, 32))
         assert x.shape == (1, 3, 256, 256) and x.abs().max() <= 1
