@@ -211,21 +211,23 @@ def run_suite(folder, tests=(), timeout=3600, first_failure=False):
     return results
 
 
-def measure_map(root=ROOT):
-    """One full hand-out run, then one run per exercise over the tests the full run failed."""
+def measure_map(root=ROOT, tests=()):
+    """One full hand-out run, then one run per exercise over the tests the full run failed; with
+    `tests` (node ids or files), only those are run, to update the record after adding tests."""
     ex = find_exercises(root)
     with tempfile.TemporaryDirectory() as tmp:
         write_handout(os.path.join(tmp, "all"), list(ex), root, ex)
-        failed = sorted(t for t,
-                        msg in run_suite(os.path.join(tmp, "all")).items() if msg is not None)
-        print(f"all exercises removed: {len(failed)} tests fail", file=sys.stderr)
+        res = run_suite(os.path.join(tmp, "all"), tests)
+        failed = sorted(t for t, msg in res.items() if msg is not None)
+        print(f"all exercises removed: {len(failed)} of {len(res)} tests fail", file=sys.stderr)
         mapping = {}
         for n in ex:
             write_handout(os.path.join(tmp, n), [n], root, ex)
-            res = run_suite(os.path.join(tmp, n), failed)
+            res = run_suite(os.path.join(tmp, n), failed) if failed else {}
             mapping[n] = sorted(t for t, msg in res.items() if msg is not None)
             print(f"{n}: {len(mapping[n])} tests", file=sys.stderr)
-    return mapping
+            shutil.rmtree(os.path.join(tmp, n))
+    return mapping, sorted(res)
 
 
 def check_wrong_answers(names, root=ROOT, log=print):
@@ -278,6 +280,8 @@ def main(argv=None):
                                                         "tests")
     ap.add_argument("--map", action="store_true", help=f"re-measure {MAP_FILE} (runs the suite "
                                                        f"once per exercise)")
+    ap.add_argument("--tests", nargs="+", default=[], metavar="TEST",
+                    help="with --map: re-measure only these test files or node ids, keep the rest")
     ap.add_argument("--check", action="store_true", help=f"every wrong answer in {WRONG_FILE} must "
                                                          f"fail its "
                                                          "exercise's tests (with --only: those "
@@ -285,10 +289,12 @@ def main(argv=None):
     args = ap.parse_args(argv)
     ex = find_exercises()
     if args.map:
-        mapping = measure_map()
-        with open(os.path.join(ROOT, MAP_FILE), "w") as f:
-            json.dump(mapping, f, indent=1)
-            f.write("\n")
+        mapping, _ = measure_map(tests=args.tests)
+        if args.tests:  # an update: these tests' entries re-measured, every other entry kept
+            old, ran = load_map(), set(args.tests)
+            keep = lambda t: t not in ran and t.split("::")[0] not in ran
+            mapping = {n: sorted({t for t in old.get(n, []) if keep(t)} | set(mapping[n])) for n in ex}
+        common.atomic_write_text(os.path.join(ROOT, MAP_FILE), json.dumps(mapping, indent=1) + "\n")
         print(f"wrote {MAP_FILE}")
         return
     mapping = load_map()
