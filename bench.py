@@ -267,6 +267,11 @@ def main(argv=None):
                                                               "10, quick 3)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved sampling runs per model")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--parts", nargs="+", default=["tiny", "xl", "forward", "sampling"],
+                    choices=["tiny", "xl", "forward", "sampling"],
+                    help="layer tables at the tiny model's / DiT-XL/2's shapes, the XL forward, sampling")
+    ap.add_argument("--xl-m", nargs="+", type=common.POSITIVE, default=[1024, 4096],
+                    help="token counts M of the DiT-XL/2 layer tables")
     ap.add_argument("--profile", metavar="QCKPT", default=None, help="only: where one eager "
                                                                      "forward of this "
                     "quantized checkpoint spends its time (torch.profiler, the sampling batch of 2 "
@@ -284,17 +289,20 @@ def main(argv=None):
     t0 = time.time()
     if args.profile:
         return profile(args.profile, dev)
+    tiny = [(10240, k, n) for k, n in TINY_SHAPES]
+    xl = [(m, k, n) for m in args.xl_m for k, n in XL_SHAPES]
     shapes = [(512, *TINY_SHAPES[2])] if args.quick else \
-        [(10240, k, n) for k, n in TINY_SHAPES] + [(m, k, n) for m in (1024, 4096) for k,
-                                                   n in XL_SHAPES]
+        (tiny if "tiny" in args.parts else []) + (xl if "xl" in args.parts else [])
     for M, K, N in shapes:
         print_layer_table(M, K, N, layer_rows(M, K, N, dev, repeats, compile))
-    if not args.quick:
+    if not args.quick and "forward" in args.parts:
         print("\n**DiT-XL/2 forward, batch 2 x 256 tokens, random weights**\n\n"
               "| model | median s | × fp32 | × bf16 |\n|---|---|---|---|")
         rows = xl_forward(dev, 3, compile)
         for n, t in rows:
             print(f"| {n} | {t:.3f} | {rows[0][1] / t:.2f} | {rows[1][1] / t:.2f} |")
+    if not args.quick and "sampling" not in args.parts:
+        return
     n, steps = (2, 3) if args.quick else (80, 50)
     rows = tiny_sampling(dev, n, steps, 1 if args.quick else args.rounds, args.quick, compile)
     print(f"\n**Tiny model sampling as `sample.py` runs it: {n} images, DDIM {steps}, CFG 4.0 "
