@@ -225,19 +225,26 @@ def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
     """Static activation scales: run the sampler with quantization off and record max|x̃| per
     timestep bucket at every QuantLinear (after its transform); scale = max / qmax."""
     qs = [m for m in model.modules() if isinstance(m, QuantLinear) and m.a_scale is not None]
+    amax = {q: torch.zeros_like(q.a_scale) for q in qs}
+
+    def observe(q, inp):  # a pre-hook: max|x̃| of each sample into its timestep bucket
+        xt = q.transform_input(inp[0])[0]
+        b = q.t_bucket if q.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
+        amax[q].scatter_reduce_(0, b.to(xt.device), xt.abs().flatten(1).amax(1), reduce="amax")
+    hooks = [q.register_forward_pre_hook(observe) for q in qs]
     for q in qs:
-        q.observe, q.quantize_enabled = True, False
+        q.quantize_enabled = False
     diffusion = Diffusion.make(steps=steps)
     device = next(model.parameters()).device
     labels = class_labels(n, list(range(model.num_classes))).to(device)
     diffusion.sample(guided(model, labels, cfg_scale), make_noise(n, model, seed).to(device),
                      clip=model.in_channels != 4)
+    for h in hooks:
+        h.remove()
     for q in qs:
-        amax = q.a_max
-        filled = torch.where(amax > 0, amax, amax.max())  # buckets no calibration step hit
+        filled = torch.where(amax[q] > 0, amax[q], amax[q].max())  # buckets no step hit
         q.a_scale.copy_(filled.clamp(min=1e-8) / quant.levels(q.aq)[1])
-        q.observe, q.quantize_enabled = False, True
-        del q.a_max
+        q.quantize_enabled = True
 
 
 @torch.no_grad()
@@ -311,29 +318,6 @@ def apply_recipe(model, recipe):
 #################################################################################
 #                                 Reporting                                     #
 #################################################################################
-
-@torch.no_grad()
-def layer_report(fp_model, q_model, stats):
-    """Per layer: SQNR of the quantized activations (raw vs transformed) and of the layer output."""
-    fp = {n: lin for n, _, _, lin in quant.quant_layers(fp_model)}
-    rows = []
-    for name, _, _, q in quant.quant_layers(q_model):
-        x = stats[name]["samples"].to(q.bias.device if q.bias is not None else "cpu")
-        if q.a_scale is not None:  # static scales: each stored input's own timestep bucket
-            q.t_bucket = (stats[name]["samples_t"] * q.aq.buckets // 1000).clamp(max=q.aq.buckets - 1)
-        ref = fp[name](x)
-        proj = q_model.get_submodule(name.replace("qkv", "proj"))
-        if name.endswith("qkv") and getattr(proj, "input_prescaled", False):
-            D = x.shape[-1]
-            # DiTAS folded proj's 1/s into the V rows: compare like with like
-            ref[..., 2 * D:] /= proj.s
-        xin = x / q.s if getattr(q, "input_prescaled", False) else x
-        xt, _ = q.transform_input(xin)
-        a_raw = quant.sqnr(x, quant.fake_quant(x, q.aq)) if q.aq else float("inf")
-        a_t = quant.sqnr(xt, quant.fake_quant(xt, q.aq)) if q.aq else float("inf")
-        rows.append((name, a_raw, a_t, quant.sqnr(ref, q(xin))))
-    return rows
-
 
 def plot_ranges(model, stats, path, block=None, alpha=0.5):
     """PNG: per-channel range (min..max, grey bars) and a value histogram (log counts) of one fc1
@@ -432,7 +416,7 @@ def main(argv=None):
         calibrate_static(model, args.calib_n, args.calib_steps, seed=args.seed)
     dt = time.time() - t0
     print(f"{'layer':22s} {'act SQNR raw':>12s} {'act SQNR transf.':>16s} {'out SQNR':>9s}  (dB)")
-    for name, a, b, o in layer_report(fp, model, stats):
+    for name, a, b, o in quant.layer_report(fp, model, stats):
         print(f"{name:22s} {a:12.2f} {b:16.2f} {o:9.2f}")
     print(f"{args.method} W{args.wbits}A{args.abits}: calibrated in {dt:.1f} s "
           f"({args.calib_n} images x {args.calib_steps} steps)")

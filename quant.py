@@ -228,7 +228,6 @@ class QuantLinear(nn.Module):
         # 1 = per-token min-max
         self.register_buffer("a_clip", torch.ones(aq.buckets) if clip else None)
         self.t_bucket = None  # (N,) bucket of each sample, set by the model's timestep hook
-        self.observe = False  # calibration: record max|x̃| per bucket into a_max
         self.refresh_weight_quant()
 
     def refresh_weight_quant(self):
@@ -285,13 +284,6 @@ class QuantLinear(nn.Module):
         # a learnable (QAT) step must stay positive
         return self.per_bucket(self.a_scale.clamp(min=1e-8), xt)
 
-    def observe_input(self, xt):
-        b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
-        m = xt.detach().abs().flatten(1).amax(1)  # (N,)
-        if not hasattr(self, "a_max"):
-            self.a_max = torch.zeros_like(self.a_scale)
-        self.a_max.scatter_reduce_(0, b.to(m.device), m, reduce="amax")
-
     def act_quant(self, xt):
         if self.aq is None or not self.quantize_enabled:
             return xt
@@ -301,8 +293,6 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         xt, mu = self.transform_input(x)  # (N, T, K)
-        if self.observe:
-            self.observe_input(xt)
         xq = self.act_quant(xt)
         if mu is not None:
             xq = xq + mu  # μ̃ shares Q(W̃): y = (Q(x̃) + μ̃) Q(W̃)ᵀ
@@ -384,6 +374,29 @@ def _set_buckets(emb, args):
     t = args[0]  # (N,) original timesteps 0..999
     for q in emb.bucket_users:
         q.t_bucket = (t.long() * q.buckets // 1000).clamp(0, q.buckets - 1)
+
+
+@torch.no_grad()
+def layer_report(fp_model, q_model, stats):
+    """Per layer: SQNR of the quantized activations (raw vs transformed) and of the layer output."""
+    fp = {n: lin for n, _, _, lin in quant_layers(fp_model)}
+    rows = []
+    for name, _, _, q in quant_layers(q_model):
+        x = stats[name]["samples"].to(q.bias.device if q.bias is not None else "cpu")
+        if q.a_scale is not None:  # static scales: each stored input's own timestep bucket
+            q.t_bucket = (stats[name]["samples_t"] * q.aq.buckets // 1000).clamp(max=q.aq.buckets - 1)
+        ref = fp[name](x)
+        proj = q_model.get_submodule(name.replace("qkv", "proj"))
+        if name.endswith("qkv") and getattr(proj, "input_prescaled", False):
+            D = x.shape[-1]
+            # DiTAS folded proj's 1/s into the V rows: compare like with like
+            ref[..., 2 * D:] /= proj.s
+        xin = x / q.s if getattr(q, "input_prescaled", False) else x
+        xt, _ = q.transform_input(xin)
+        a_raw = sqnr(x, fake_quant(x, q.aq)) if q.aq else float("inf")
+        a_t = sqnr(xt, fake_quant(xt, q.aq)) if q.aq else float("inf")
+        rows.append((name, a_raw, a_t, sqnr(ref, q(xin))))
+    return rows
 
 
 def set_quantization(model, enabled):
