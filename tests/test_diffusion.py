@@ -164,3 +164,22 @@ def test_ddim_with_eta_1_draws_the_ddpm_posterior_variance():
                         generator=torch.Generator().manual_seed(2))
         var = (a - b).pow(2).mean().item() / 2
         assert abs(var / d.posterior_variance[i] - 1) < 0.1, (i, var, d.posterior_variance[i])
+
+
+def test_ddim_with_eta_keeps_the_direction_to_x_t_at_sqrt_one_minus_abar_prev_minus_sigma2():
+    """η > 0: the mean is √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂, the noise σ z. Two draws with the same
+    seed average out z only through its own term, so the step minus σ z must equal that mean
+    exactly (dropping σ² from the direction fails)."""
+    d = Diffusion.make(steps=20)
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    eps_fn = lambda x, t: 0.3 * x
+    for i, eta in ((15, 0.5), (5, 1.0)):
+        got = d.ddim_step(eps_fn, x, i, eta=eta, clip=False, generator=torch.Generator().manual_seed(3))
+        z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+        a_t, a_prev = float(d.alphas_cumprod[i]), float(d.alphas_cumprod_prev[i])
+        eps = 0.3 * x
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+        eps = (x - a_t ** 0.5 * x0) / (1 - a_t) ** 0.5  # re-derived from x̂0, as the official loop
+        sigma = eta * ((1 - a_prev) / (1 - a_t)) ** 0.5 * (1 - a_t / a_prev) ** 0.5
+        want = a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * z
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
