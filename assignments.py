@@ -274,12 +274,12 @@ def main(argv=None):
                                              "replaced by NotImplementedError, and the tests that "
                                              "grade each.")
     ap.add_argument("--out", help="new (or empty) folder for the hand-out")
-    ap.add_argument("--only", nargs="+", metavar="NAME", help="remove only these exercises "
-                                                              "(default: all)")
-    ap.add_argument("--list", action="store_true", help="show the exercises, their task and their "
-                                                        "tests")
-    ap.add_argument("--map", action="store_true", help=f"re-measure {MAP_FILE} (runs the suite "
-                                                       f"once per exercise)")
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="remove only these exercises (default: all)")
+    ap.add_argument("--list", action="store_true",
+                    help="show the exercises, their task and their tests")
+    ap.add_argument("--map", action="store_true",
+                    help=f"re-measure {MAP_FILE} (runs the suite once per exercise)")
     ap.add_argument("--tests", nargs="+", default=[], metavar="TEST",
                     help="with --map: re-measure only these test files or node ids, keep the rest")
     ap.add_argument("--check", action="store_true", help=f"every wrong answer in {WRONG_FILE} must "

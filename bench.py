@@ -266,11 +266,11 @@ def main(argv=None):
                                    "kernels) "
                                              "against fp32 / bf16 peers, per layer and end to end, "
                                              "side by side.")
-    ap.add_argument("--quick", action="store_true", help="one small shape, no compile rows, tiny "
-                                                         "sampling (< 1 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="one small shape, no compile rows, tiny sampling (< 1 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    ap.add_argument("--repeats", type=int, default=None, help="timed runs per layer row (default "
-                                                              "10, quick 3)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs per layer row (default 10, quick 3)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved sampling runs per model")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
     ap.add_argument("--parts", nargs="+", default=["tiny", "xl", "forward", "sampling"],

@@ -78,8 +78,8 @@ def to_uint8(x):
 
 def main():
     ap = common.Parser(description="Read Fashion-MNIST and print what the model will see.")
-    ap.add_argument("--data-dir", default=None, help=f"folder with the gz IDX files (default "
-                                                     f"{DATA_DIR})")
+    ap.add_argument("--data-dir", default=None,
+                    help=f"folder with the gz IDX files (default {DATA_DIR})")
     args = ap.parse_args()
     for split in ("train", "test"):
         x, y = load(split, args.data_dir)

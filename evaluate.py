@@ -285,13 +285,13 @@ def main(argv=None):
                              "torchrun write "
                              "--samples: torchrun's own parser swallows --n")
     shared.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="DDIM steps")
-    shared.add_argument("--seed", type=common.number(int, 0), default=0, help="noise seed (the "
-                                                                              "rows share it)")
+    shared.add_argument("--seed", type=common.number(int, 0), default=0,
+                        help="noise seed (the rows share it)")
     shared.add_argument("--classifier", default=CLASSIFIER)
-    shared.add_argument("--device", default="cpu", help="cpu or cuda (sampling; the classifier "
-                                                        "runs on the CPU)")
-    t = sub.add_parser("table", parents=[shared], help="FP and quantized rows at each CFG scale, "
-                                                       "same noise")
+    shared.add_argument("--device", default="cpu",
+                        help="cpu or cuda (sampling; the classifier runs on the CPU)")
+    t = sub.add_parser("table", parents=[shared],
+                       help="FP and quantized rows at each CFG scale, same noise")
     t.add_argument("--cfg", default="1.5", help="CFG scales, comma-separated (1.5: the papers' "
                                                 "metric; 4.0: the "
                    "main job's pictures)")
@@ -299,8 +299,8 @@ def main(argv=None):
     t.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas",
                    help="PTQ recipes "
                    "(see calibrate.py; METHOD+a8 for mixed precision)")
-    t.add_argument("--qckpt", nargs="+", default=[], help="also score these saved quantized "
-                                                          "checkpoints")
+    t.add_argument("--qckpt", nargs="+", default=[],
+                   help="also score these saved quantized checkpoints")
     t.add_argument("--simulate", action="store_true", help="calibrated rows in fake-quant "
                                                            "simulation instead of "
                    "the integer path")
@@ -311,12 +311,12 @@ def main(argv=None):
     t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
     f = sub.add_parser("fp", parents=[shared], help="the FP model alone")
     f.add_argument("--cfg", type=common.number(float, 0, 100), default=1.5, help="CFG scale")
-    sub.add_parser("floor", parents=[shared], help="n real training images vs the test set (the FD "
-                                                   "floor)")
+    sub.add_parser("floor", parents=[shared],
+                   help="n real training images vs the test set (the FD floor)")
     z = sub.add_parser("npz", parents=[shared], help="score samples written by sample.py --npz")
     z.add_argument("path")
-    c = sub.add_parser("train-classifier", parents=[shared], help="train the classifier and save "
-                                                                  "it with test stats")
+    c = sub.add_parser("train-classifier", parents=[shared],
+                       help="train the classifier and save it with test stats")
     c.add_argument("--epochs", type=common.POSITIVE, default=6)
     c.add_argument("--data-dir", default=None)
     c.add_argument("--out", required=True, help=f"the classifier file to write (the shipped one, "

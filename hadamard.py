@@ -183,8 +183,8 @@ def fake_quant_tokens(x, bits=4):
 
 def main():
     ap = common.Parser(description="Show what a Hadamard transform does to activation outliers.")
-    ap.add_argument("--width", type=int, default=192, help="channels (default 192 = 12·16, the "
-                                                           "tiny DiT)")
+    ap.add_argument("--width", type=int, default=192,
+                    help="channels (default 192 = 12·16, the tiny DiT)")
     ap.add_argument("--tokens", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

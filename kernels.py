@@ -296,8 +296,8 @@ def main():
                                    "reference "
                                              "(codes and time) at the tiny model's and DiT-XL/2's "
                                              "widths.")
-    ap.add_argument("--tokens", type=int, default=10240, help="rows (the tiny model's real batch: "
-                                                              "160 x 64)")
+    ap.add_argument("--tokens", type=int, default=10240,
+                    help="rows (the tiny model's real batch: 160 x 64)")
     ap.add_argument("--bits", type=int, default=4)
     args = ap.parse_args()
     if args.tokens < 64 or args.tokens % 64 or not 2 <= args.bits <= 8:

@@ -169,10 +169,10 @@ def get_args(argv=None):
                                    "distillation).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     shared = common.Parser(add_help=False)
-    shared.add_argument("--ckpt", default=dit.DEFAULT_CKPT, help="FP checkpoint (teacher and "
-                                                                 "initialisation)")
-    shared.add_argument("--traj", type=int, default=64, help="FP trajectories for the distillation "
-                                                             "targets")
+    shared.add_argument("--ckpt", default=dit.DEFAULT_CKPT,
+                        help="FP checkpoint (teacher and initialisation)")
+    shared.add_argument("--traj", type=int, default=64,
+                        help="FP trajectories for the distillation targets")
     shared.add_argument("--steps", type=int, default=25, help="DDIM steps of each trajectory")
     shared.add_argument("--traj-cfg", default="4.0", help="CFG scale(s) of the FP trajectories, "
                                                           "comma-separated: "
@@ -185,15 +185,15 @@ def get_args(argv=None):
                                                                               "trajectories (and "
                                                                               "of training)")
     shared.add_argument("--device", default="cpu", help="cpu or cuda")
-    t = sub.add_parser("train", parents=[shared], help="train (or resume) and export a packed "
-                                                       "integer checkpoint")
+    t = sub.add_parser("train", parents=[shared],
+                       help="train (or resume) and export a packed integer checkpoint")
     t.add_argument("--wbits", type=int, default=4)
     t.add_argument("--abits", type=int, default=4)
     t.add_argument("--hadamard", default="single", choices=MODES, help="single: HQ-DM (weights "
                                                                        "unrotated); double: "
                    "QuaRot-style (weights rotated too; the integer form is as fast as HadaNorm's); none")
-    t.add_argument("--block", type=int, default=None, help="Hadamard block size (default: full "
-                                                           "width)")
+    t.add_argument("--block", type=int, default=None,
+                   help="Hadamard block size (default: full width)")
     t.add_argument("--init", default="hadanorm",
                    help=f"the PTQ recipe to start from: plain or one of "
                    f"{', '.join(INITS)}, optionally +a8")
@@ -221,8 +221,8 @@ def get_args(argv=None):
                                                                                    "every N steps, "
                                                                                    "to pick "
                    "the best by a sample metric afterwards (evaluate.py table --qckpt ...)")
-    t.add_argument("--ckpt-every", type=common.POSITIVE, default=200, help="steps between "
-                                                                           "resumable states")
+    t.add_argument("--ckpt-every", type=common.POSITIVE, default=200,
+                   help="steps between resumable states")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
     t.add_argument("--minutes", type=common.number(float, above=0), default=None,

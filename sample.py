@@ -101,7 +101,7 @@ def accelerate(model, mode="auto", bf16=False):
     if any(getattr(m, "gemm", None) == "onednn" for m in model.modules()):
         # inductor lowers oneDNN's int8 linear only on constant (frozen) weights
         torch._inductor.config.freezing = True
-    # forward_with_cfg calls self.forward: compile that  # important!
+    # important! forward_with_cfg calls self.forward: compile that
     model.forward = torch.compile(model.forward)
     return ", ".join(["compiled"] + note)
 
@@ -178,25 +178,25 @@ def parse_classes(text, num_classes):
 def get_args(argv=None):
     ap = common.Parser(description="Sample a labelled grid of Fashion-MNIST garments from the "
                                    "shipped DiT.")
-    ap.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"model checkpoint (default "
-                                                         f"{DEFAULT_CKPT})")
-    ap.add_argument("--model", default=None, help="expected config name; an error if the "
-                                                  "checkpoint is another")
-    ap.add_argument("--n", type=common.POSITIVE, default=80, help="number of images, spread evenly "
-                                                                  "over --classes")
+    ap.add_argument("--ckpt", default=DEFAULT_CKPT,
+                    help=f"model checkpoint (default {DEFAULT_CKPT})")
+    ap.add_argument("--model", default=None,
+                    help="expected config name; an error if the checkpoint is another")
+    ap.add_argument("--n", type=common.POSITIVE, default=80,
+                    help="number of images, spread evenly over --classes")
     ap.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
     ap.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="sampling steps "
                                                                                   "(respaced from "
                                                                                   "1000)")
     ap.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
-    ap.add_argument("--eta", type=common.number(float, 0, 1), default=0.0, help="DDIM η (0 = "
-                                                                                "deterministic)")
+    ap.add_argument("--eta", type=common.number(float, 0, 1), default=0.0,
+                    help="DDIM η (0 = deterministic)")
     ap.add_argument("--cfg-scale", type=common.number(float, 0, 100), default=4.0,
                     help="classifier-free guidance scale (1 = off)")
     ap.add_argument("--seed", type=common.number(int, 0), default=0)
     ap.add_argument("--out", default="samples.png", help="PNG grid to write")
-    ap.add_argument("--npz", default=None, help="also write raw samples here (arr_0 uint8 NHWC, "
-                                                "labels)")
+    ap.add_argument("--npz", default=None,
+                    help="also write raw samples here (arr_0 uint8 NHWC, labels)")
     q = ap.add_mutually_exclusive_group()
     for name, (wb, ab) in SETTINGS.items():
         q.add_argument(f"--{name}", dest="bits", action="store_const", const=name,
@@ -209,15 +209,15 @@ def get_args(argv=None):
     ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the "
                                                   "cached one "
                     "beside --ckpt (created by calibrating on the first run)")
-    ap.add_argument("--simulate", action="store_true", help="fake-quant float simulation instead "
-                                                            "of the integer path")
-    ap.add_argument("--compare-fp", action="store_true", help="also sample the FP model from the "
-                                                              "same noise; report PSNR")
+    ap.add_argument("--simulate", action="store_true",
+                    help="fake-quant float simulation instead of the integer path")
+    ap.add_argument("--compare-fp", action="store_true",
+                    help="also sample the FP model from the same noise; report PSNR")
     ap.add_argument("--image-size", type=common.number(int, 8, 4096), default=None,
                     help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; "
                          "needs --vae")
-    ap.add_argument("--vae", default=None, help="SD-VAE decoder file (diffusers "
-                                                "diffusion_pytorch_model.bin)")
+    ap.add_argument("--vae", default=None,
+                    help="SD-VAE decoder file (diffusers diffusion_pytorch_model.bin)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                     help="torch.compile the model (auto: on for the integer path where a C++ "
                          "compiler is present, "

@@ -39,8 +39,8 @@ def get_args(argv=None):
                     help="final EMA decay (warmed up from 0)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast for forward/backward")
     ap.add_argument("--seed", type=common.number(int, 0), default=0)
-    ap.add_argument("--run-dir", default="runs/tiny", help="folder for the resumable training "
-                                                           "state and log")
+    ap.add_argument("--run-dir", default="runs/tiny",
+                    help="folder for the resumable training state and log")
     ap.add_argument("--out", default=None, help="also write the EMA model here (half precision)")
     ap.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
     ap.add_argument("--ckpt-every", type=common.POSITIVE, default=500)
@@ -48,14 +48,14 @@ def get_args(argv=None):
     ap.add_argument("--minutes", type=common.number(float, above=0), default=None,
                     help="time budget: stop (and checkpoint) after this long")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
-    ap.add_argument("--limit", type=common.POSITIVE, default=None, help="use only the first N "
-                                                                        "training images (tests)")
-    ap.add_argument("--threads", type=common.POSITIVE, default=None, help="torch threads (default: "
-                                                                          "torch's choice)")
-    ap.add_argument("--log-every", type=common.POSITIVE, default=50, help="steps per line of "
-                                                                          "RUN_DIR/log.jsonl")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (with torchrun: one GPU per "
-                                                    "process)")
+    ap.add_argument("--limit", type=common.POSITIVE, default=None,
+                    help="use only the first N training images (tests)")
+    ap.add_argument("--threads", type=common.POSITIVE, default=None,
+                    help="torch threads (default: torch's choice)")
+    ap.add_argument("--log-every", type=common.POSITIVE, default=50,
+                    help="steps per line of RUN_DIR/log.jsonl")
+    ap.add_argument("--device", default="cpu",
+                    help="cpu or cuda (with torchrun: one GPU per process)")
     args = ap.parse_args(argv)
     if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
         raise ValueError(f"--run-dir {args.run_dir} is a file, not a folder")

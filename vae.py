@@ -142,8 +142,8 @@ def load_vae(path):
 
 def main():
     ap = common.Parser(description="Decode a latent with the SD VAE decoder (plain torch).")
-    ap.add_argument("--vae", required=True, help="diffusers diffusion_pytorch_model.bin of "
-                                                 "sd-vae-ft-mse / -ema")
+    ap.add_argument("--vae", required=True,
+                    help="diffusers diffusion_pytorch_model.bin of sd-vae-ft-mse / -ema")
     ap.add_argument("--size", type=int, default=32, help="latent size (32 -> 256px)")
     args = ap.parse_args()
     vae = load_vae(args.vae)
