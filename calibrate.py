@@ -12,7 +12,7 @@ Recipes (docs/design.md), all built on the one `QuantLinear`:
                  only the residual is quantized (Li et al., SVDQuant); svdquant-hadanorm: the same
                  branch under HadaNorm's centring + scale + Hadamard
     METHOD+a8    any of them with the layers whose 8-bit activations lower the guided ε error most per
-                 MAC kept at A8, within a budget (10% of the linear MACs by default)
+                 MAC kept at A8, within a budget: 10% of the linear MACs, or METHOD+a8:0.2 for 20%
 
     python calibrate.py --method hadanorm --wbits 4 --abits 4 --out runs/dit_t4_w4a4_hadanorm.pt
 """
@@ -33,7 +33,8 @@ from diffusion import Diffusion, class_labels, guided, make_noise, sample_states
 METHODS = ("rtn", "smoothquant", "hadamard", "hadanorm", "hadanorm-nomean", "hadanorm-static",
            "hadanorm-noscale", "ditas", "svdquant", "svdquant-hadanorm")
 # "hadanorm+a8": the most sensitive layers at 8-bit activations, within a share of the MACs
-A8_SUFFIX = "+a8"
+# (10% by default, "hadanorm+a8:0.2" for 20%)
+A8_SUFFIX, A8_BUDGET = "+a8", 0.1
 
 
 #################################################################################
@@ -247,21 +248,28 @@ def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
         q.quantize_enabled = True
 
 
-@torch.no_grad()
 def parse_method(name):
-    """'hadanorm+a8' -> ('hadanorm', True); a clear error for an unknown recipe."""
-    base, a8 = (name[:-len(A8_SUFFIX)], True) if name.endswith(A8_SUFFIX) else (name, False)
-    if base not in METHODS:
+    """'hadanorm' -> ('hadanorm', None); 'hadanorm+a8' -> ('hadanorm', 0.1), the share of linear
+    MACs at A8; 'hadanorm+a8:0.2' -> ('hadanorm', 0.2). A clear error for an unknown recipe."""
+    base, _, budget = name.partition(A8_SUFFIX)
+    share = A8_BUDGET if budget == "" else None
+    if budget.startswith(":"):
+        try:
+            share = float(budget[1:])
+        except ValueError:
+            share = None
+    if base not in METHODS or (A8_SUFFIX in name and not (share is not None and 0 < share <= 1)):
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, each "
-                         f"optionally + {A8_SUFFIX!r}")
-    return base, a8
+                         f"optionally + {A8_SUFFIX!r} or {A8_SUFFIX + ':SHARE'!r} (0 < SHARE <= 1)")
+    return base, (share if A8_SUFFIX in name else None)
 
 
+@torch.no_grad()
 def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10,
                  block=None,
-                 static_buckets=0, a8_budget=0.1):
+                 static_buckets=0):
     """-> recipe dict for `quant.quantize_model` (DiTAS also folds into `model` in place)."""
-    base, a8 = parse_method(method)
+    base, a8_budget = parse_method(method)
     wq = QConfig(wbits, range="mse") if wbits < 16 else None
     if abits >= 16:
         aq = None
@@ -295,7 +303,7 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
         recipe.update(scales=scales, alphas=alphas,
                       prescaled=[n for n in lins if not n.endswith("fc2")],
                       lora_rank=lora_rank, lora_iters=lora_iters)
-    if a8:
+    if a8_budget:
         recipe["layer_abits"] = choose_a8_layers(model, recipe, sample_states(model), a8_budget)
     return recipe
 
@@ -425,6 +433,12 @@ def main(argv=None):
         print(f"rank-{recipe['lowrank']} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of "
               f"each W̃'s energy (mean {100 * sum(share) / len(share):.0f}%); it lowers max|W̃| to "
               f"{min(peak):.2f}-{max(peak):.2f}× for the 4-bit residual")
+    if recipe.get("layer_abits"):  # mixed precision: which layers the budget kept at A8
+        macs = {n: lin.in_features * lin.out_features for n, _, _, lin in quant.quant_layers(model)}
+        a8 = sorted(recipe["layer_abits"], key=list(macs).index)
+        share = sum(macs[n] for n in a8) / sum(macs.values())
+        print(f"A8 layers: {len(a8)} of {len(macs)}, {100 * share:.1f}% of the linear MACs: "
+              f"{', '.join(a8)}")
     if args.out:
         save_quantized(args.out, model, cfg, recipe, vars(args))
         print(f"saved {args.out}")
