@@ -37,10 +37,10 @@ from quant import QConfig, QuantLinear
 TINY_SHAPES = [(192, 576), (192, 192), (192, 768), (768, 192)]  # qkv, proj, fc1, fc2 of DiT-T/4
 XL_SHAPES = [(1152, 3456), (1152, 1152), (1152, 4608), (4608, 1152)]
 VARIANTS = [("W8A8", 8, 8, {}),  # (name, weight bits, activation bits, QuantLinear arguments)
-            ("W4A4 HadaNorm", 4, 4, dict(rotate=True, center="dynamic", scale="s")),
-            ("W4A4 HQ-DM", 4, 4, dict(rotate=True, center="dynamic", scale="s", single=True)),
+            ("W4A4 HadaNorm", 4, 4, dict(hadamard="double", center="dynamic", channel_scale="s")),
+            ("W4A4 HQ-DM", 4, 4, dict(hadamard="single", center="dynamic", channel_scale="s")),
             ("W4A4 SVDQuant-HadaNorm r32", 4, 4,
-             dict(rotate=True, center="dynamic", scale="s", lowrank=32))]
+             dict(hadamard="double", center="dynamic", channel_scale="s", lowrank=32))]
 
 
 def timeit(fn, device, repeats, warmup=2):
@@ -130,7 +130,7 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
     t, backend = min(bound)
     rows.append((f"int8 GEMM alone ({backend}; the bound)", t, N * K, N * K))
     for name, wbits, abits, kw in VARIANTS:
-        kw = dict(kw, scale=torch.rand(K, generator=g) + 0.5) if "scale" in kw else kw
+        kw = dict(kw, channel_scale=torch.rand(K, generator=g) + 0.5) if "channel_scale" in kw else kw
         rank = kw.pop("lowrank", 0)
         q = QuantLinear(lin, QConfig(wbits), QConfig(abits), **kw)
         if rank:
@@ -181,8 +181,8 @@ def xl_forward(device, repeats, compile=True):
     mb = m.to(torch.bfloat16)
     out.append(("bf16", timeit(lambda: mb(x.bfloat16(), t, y), device, repeats, 1)))
     m.float()
-    quant.quantize_model(m,
-                         {"wq": QConfig(4), "aq": QConfig(4), "rotate": True, "center": "dynamic"})
+    quant.quantize_model(m, quant.Recipe("hadanorm", QConfig(4), QConfig(4), center="dynamic",
+                                         hadamard="double"))
     integer.to_integer(m)
     out.append(("W4A4 HadaNorm integer", timeit(lambda: m(x, t, y), device, repeats, 1)))
     if compile:

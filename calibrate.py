@@ -16,6 +16,7 @@ Recipes (docs/design.md), all built on the one `QuantLinear`:
 
     python calibrate.py --method hadanorm --wbits 4 --abits 4 --out runs/dit_t4_w4a4_hadanorm.pt
 """
+import copy
 import dataclasses
 import time
 
@@ -24,7 +25,6 @@ from tqdm import tqdm
 
 import common
 import dit
-import integer
 import quant
 from integer import load_quantized, save_quantized  # the quantized checkpoint format
 from quant import QConfig, QuantLinear
@@ -50,38 +50,31 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
     spaced tokens each, on the CPU. Running statistics only: no activation history is held
     (DiT-XL/2: ~1.9 GB kept instead of ~7.4 GB for whole inputs)."""
     layers = quant.quant_layers(model)
-    stats = {name: {"absmax_t": [], "sum": 0, "count": 0, "cabsmax": None, "samples": [],
-                    "samples_t": []}
+    stats = {name: dict(absmax_t=[], sum=0, count=0, cabsmax=None, samples=[], samples_t=[])
              for name, *_ in layers}
     keep_at = set(torch.linspace(0, steps - 1, keep).round().long().tolist())
-    state = {"i": 0}
+    state = {"i": 0}  # the sampler's step, for the hooks
 
-    def hook(name):
-        def fn(mod, inp):
-            x = inp[0].float()  # (B, T, K)
-            st = stats[name]
-            st["absmax_t"].append(x.abs().amax(dim=(0, 1)))
-            st["sum"] = st["sum"] + x.sum(dim=(0, 1))
-            st["count"] += x.shape[0] * x.shape[1]
-            c = (x - x.mean(dim=1, keepdim=True)).abs().amax(dim=(0, 1))
-            st["cabsmax"] = c if st["cabsmax"] is None else torch.maximum(st["cabsmax"], c)
-            if state["i"] in keep_at:
-                stride = max(1, x.shape[1] // keep_tokens)
-                st["samples"].append(x[:keep_rows, ::stride][:, :keep_tokens].cpu().clone())
-                st["samples_t"].append(torch.full((min(keep_rows, len(x)),), state["t"]))
-        return fn
+    def record(st, x):  # x: (B, T, K), one input of the layer whose statistics st are
+        st["absmax_t"].append(x.abs().amax(dim=(0, 1)))
+        st["sum"] = st["sum"] + x.sum(dim=(0, 1))
+        st["count"] += x.shape[0] * x.shape[1]
+        c = (x - x.mean(dim=1, keepdim=True)).abs().amax(dim=(0, 1))
+        st["cabsmax"] = c if st["cabsmax"] is None else torch.maximum(st["cabsmax"], c)
+        if state["i"] in keep_at:
+            stride = max(1, x.shape[1] // keep_tokens)
+            st["samples"].append(x[:keep_rows, ::stride][:, :keep_tokens].cpu().clone())
+            st["samples_t"].append(torch.full((min(keep_rows, len(x)),), state["t"]))
 
-    handles = [lin.register_forward_pre_hook(hook(name)) for name, _, _, lin in layers]
-    diffusion = Diffusion.make(steps=steps)
-    device = next(model.parameters()).device
+    hook = lambda st: lambda mod, inp: record(st, inp[0].float())
+    handles = [lin.register_forward_pre_hook(hook(stats[name])) for name, _, _, lin in layers]
+    diffusion, device = Diffusion.make(steps=steps), next(model.parameters()).device
     labels = class_labels(n, list(range(model.num_classes))).to(device)
-    x = make_noise(n, model, seed).to(device)
-    fn = guided(model, labels, cfg_scale)
+    x, fn = make_noise(n, model, seed).to(device), guided(model, labels, cfg_scale)
     try:
         for i in tqdm(range(steps)[::-1], desc="calibration sampling", leave=False, disable=None):
             state["i"], state["t"] = steps - 1 - i, int(diffusion.timestep_map[i])
-            # latents are not clipped
-            x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)
+            x = diffusion.ddim_step(fn, x, i, clip=model.in_channels != 4)  # latents: no clipping
     finally:
         for h in handles:
             h.remove()
@@ -124,7 +117,7 @@ def search_alpha(lin, absmax, x, wq, aq):
     # None: s = 1, so DiTAS can fall back to RTN
     for a in [None] + torch.linspace(0, 1, 21).tolist():
         s = torch.ones_like(wq_lin[0]) if a is None else smooth_scale(absmax, wq_lin, a)
-        err = layer_mse(lin, dict(wq=wq, aq=aq, scale=s), x, ref)
+        err = layer_mse(lin, dict(wq=wq, aq=aq, channel_scale=s), x, ref)
         if best is None or err < best[0]:
             best = (err, a, s)
     # end exercise ditas_alpha
@@ -176,8 +169,7 @@ def lowrank_branch(q, rank):
     """SVDQuant: the best rank-r part L = U S Vᵀ of the (smoothed, transformed) weight W̃ runs in
     float as the low-rank branch, and only the residual W̃ − L is quantized, with its own, narrower
     scales. Returns (share of W̃'s energy ‖L‖² / ‖W̃‖², max|W̃ − L| / max|W̃|): how much of the
-    weight, and of
-    its outliers, the branch takes."""
+    weight, and of its outliers, the branch takes."""
     W = q.weight.detach().clone()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     # exercise lowrank: SVDQuant: W̃'s best rank-r part L runs in float, only the residual W̃ − L is quantized
@@ -193,20 +185,15 @@ def lowrank_branch(q, rank):
 def choose_a8_layers(model, recipe, states, budget, cfg_scale=4.0):
     """Mixed precision by sensitivity: each layer's score is how much the guided ε error (against
     the FP model, on its own trajectory states) falls when that layer alone gets 8-bit activations;
-    layers are
-    kept at A8 by score per MAC, greedily, while their MACs stay within `budget` of all linear
-    MACs."""
-    import copy
+    layers are kept at A8 by score per MAC, greedily, while their MACs stay within `budget` of all
+    linear MACs."""
     q_model = copy.deepcopy(model)
-    apply_recipe(q_model, {k: v for k, v in recipe.items() if k != "layer_abits"})
+    apply_recipe(q_model, dataclasses.replace(recipe, layer_abits={}))
     layers = [(n, q) for n, _, _, q in quant.quant_layers(q_model)]
 
-    def err():
-        e = 0.0
-        for x, t, y in states:
-            g_fp, g_q = guided(model, y, cfg_scale)(x, t), guided(q_model, y, cfg_scale)(x, t)
-            e += (g_q - g_fp).pow(2).mean().item()
-        return e / len(states)
+    refs = [guided(model, y, cfg_scale)(x, t) for x, t, y in states]  # the FP model's, once
+    err = lambda: sum((guided(q_model, y, cfg_scale)(x, t) - ref).pow(2).mean().item()
+                      for (x, t, y), ref in zip(states, refs)) / len(states)
     base, scores = err(), {}
     for name, q in layers:
         aq = q.aq
@@ -235,11 +222,10 @@ def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
     hooks = [q.register_forward_pre_hook(observe) for q in qs]
     for q in qs:
         q.quantize_enabled = False
-    diffusion = Diffusion.make(steps=steps)
     device = next(model.parameters()).device
     labels = class_labels(n, list(range(model.num_classes))).to(device)
-    diffusion.sample(guided(model, labels, cfg_scale), make_noise(n, model, seed).to(device),
-                     clip=model.in_channels != 4)
+    Diffusion.make(steps=steps).sample(guided(model, labels, cfg_scale),
+                                       make_noise(n, model, seed).to(device), clip=model.in_channels != 4)
     for h in hooks:
         h.remove()
     for q in qs:
@@ -251,24 +237,23 @@ def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
 def parse_method(name):
     """'hadanorm' -> ('hadanorm', None); 'hadanorm+a8' -> ('hadanorm', 0.1), the share of linear
     MACs at A8; 'hadanorm+a8:0.2' -> ('hadanorm', 0.2). A clear error for an unknown recipe."""
-    base, _, budget = name.partition(A8_SUFFIX)
-    share = A8_BUDGET if budget == "" else None
-    if budget.startswith(":"):
-        try:
-            share = float(budget[1:])
-        except ValueError:
-            share = None
-    if base not in METHODS or (A8_SUFFIX in name and not (share is not None and 0 < share <= 1)):
+    base, a8, budget = name.partition(A8_SUFFIX)
+    try:  # -1: not a valid share
+        share = None if not a8 else A8_BUDGET if not budget else \
+            float(budget[1:]) if budget.startswith(":") else -1
+    except ValueError:
+        share = -1
+    if base not in METHODS or (share is not None and not 0 < share <= 1):
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, each "
                          f"optionally + {A8_SUFFIX!r} or {A8_SUFFIX + ':SHARE'!r} (0 < SHARE <= 1)")
-    return base, (share if A8_SUFFIX in name else None)
+    return base, share
 
 
 @torch.no_grad()
 def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10,
-                 block=None,
-                 static_buckets=0):
-    """-> recipe dict for `quant.quantize_model` (DiTAS also folds into `model` in place)."""
+                 block=None, static_buckets=0):
+    """-> the `quant.Recipe` of `method` for `model`, from its calibration statistics (the model
+    is left as it is: `apply_recipe` changes it)."""
     base, a8_budget = parse_method(method)
     wq = QConfig(wbits, range="mse") if wbits < 16 else None
     if abits >= 16:
@@ -277,55 +262,77 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
         aq = QConfig(abits, granularity="tensor", dynamic=False, buckets=static_buckets)
     else:
         aq = QConfig(abits)
-    recipe = {"method": method, "wq": wq, "aq": aq, "block": block, "alpha": alpha}
     lins = {name: lin for name, _, _, lin in quant.quant_layers(model)}
+    scales = lambda key: {n: smooth_scale(stats[n][key], lins[n].weight, alpha) for n in lins}
+    r = dict(method=method, wq=wq, aq=aq, block=block, alpha=alpha)
     if base in ("smoothquant", "svdquant"):
-        recipe["scales"] = {n: smooth_scale(stats[n]["absmax"], lins[n].weight, alpha) for n in lins}
+        r["scales"] = scales("absmax")
     if base == "hadamard":
-        recipe["rotate"] = True
+        r["hadamard"] = "double"
     if base.startswith("hadanorm") or base == "svdquant-hadanorm":
-        recipe["rotate"] = True
-        recipe["center"] = {"hadanorm-nomean": "none", "hadanorm-static": "static"}.get(base, "dynamic")
+        r["hadamard"] = "double"
+        r["center"] = {"hadanorm-nomean": "none", "hadanorm-static": "static"}.get(base, "dynamic")
         if base != "hadanorm-noscale":
-            key = "absmax" if base == "hadanorm-nomean" else "cabsmax"
-            recipe["scales"] = {n: smooth_scale(stats[n][key], lins[n].weight, alpha) for n in lins}
+            r["scales"] = scales("absmax" if base == "hadanorm-nomean" else "cabsmax")
         if base == "hadanorm-static":
-            recipe["means"] = {n: stats[n]["mean"] for n in lins}
+            r["means"] = {n: stats[n]["mean"] for n in lins}
     if base.startswith("svdquant"):
-        recipe["lowrank"] = lora_rank
+        r["lowrank"] = lora_rank
     if base == "ditas":
-        scales, alphas = {}, {}
+        r.update(scales={}, alphas={}, prescaled=[n for n in lins if not n.endswith("fc2")],
+                 lora_rank=lora_rank, lora_iters=lora_iters)
         for n, lin in tqdm(lins.items(), desc="DiTAS α search", leave=False, disable=None):
             best = search_alpha(lin, stats[n]["absmax"], stats[n]["samples"].to(lin.weight.device),
                                 wq, aq)
-            alphas[n], scales[n] = best[1], best[2]
-        fold_ditas(model, scales)
-        recipe.update(scales=scales, alphas=alphas,
-                      prescaled=[n for n in lins if not n.endswith("fc2")],
-                      lora_rank=lora_rank, lora_iters=lora_iters)
+            r["alphas"][n], r["scales"][n] = best[1], best[2]
+    recipe = quant.Recipe(**r)
     if a8_budget:
-        recipe["layer_abits"] = choose_a8_layers(model, recipe, sample_states(model), a8_budget)
+        a8 = choose_a8_layers(model, recipe, sample_states(model), a8_budget)
+        recipe = dataclasses.replace(recipe, layer_abits=a8)
     return recipe
 
 
 @torch.no_grad()
 def apply_recipe(model, recipe):
-    """quantize_model + the DiTAS extras (pre-scaled inputs, LoRA). Returns LoRA error traces."""
+    """Quantizes `model` in place by `recipe`: DiTAS's fold of x / s into the producing layers,
+    `quant.quantize_model`, then the low-rank parts (DiTAS's LoRA, SVDQuant's branch). Returns
+    their traces per layer (LoRA: error per alternation; SVDQuant: energy share and peak)."""
+    if recipe.prescaled:
+        fold_ditas(model, recipe.scales)
     quant.quantize_model(model, recipe)
     traces = {}
     for name, _, _, q in quant.quant_layers(model):
-        if name in recipe.get("prescaled", []):
-            q.input_prescaled = True
-        if recipe.get("lora_rank") and q.wq is not None:
-            traces[name] = lora_correct(q, recipe["lora_rank"], recipe["lora_iters"])
-        if recipe.get("lowrank") and q.wq is not None:
-            traces[name] = lowrank_branch(q, recipe["lowrank"])
+        if recipe.lora_rank and q.wq is not None:
+            traces[name] = lora_correct(q, recipe.lora_rank, recipe.lora_iters)
+        if recipe.lowrank and q.wq is not None:
+            traces[name] = lowrank_branch(q, recipe.lowrank)
     return traces
 
 
 #################################################################################
 #                                 Reporting                                     #
 #################################################################################
+
+@torch.no_grad()
+def layer_report(fp_model, q_model, stats):
+    """Per layer: SQNR of the quantized activations (raw vs transformed) and of the layer output."""
+    fp = {n: lin for n, _, _, lin in quant.quant_layers(fp_model)}
+    rows = []
+    for name, _, _, q in quant.quant_layers(q_model):
+        x = stats[name]["samples"].to(q.bias.device if q.bias is not None else "cpu")
+        if q.a_scale is not None:  # static scales: each stored input's own timestep bucket
+            q.t_bucket = (stats[name]["samples_t"] * q.aq.buckets // 1000).clamp(max=q.aq.buckets - 1)
+        ref = fp[name](x)
+        proj = q_model.get_submodule(name.replace("qkv", "proj"))
+        if name.endswith("qkv") and proj.input_prescaled:  # DiTAS folded proj's 1/s into V rows
+            ref[..., 2 * x.shape[-1]:] /= proj.channel_scale  # compare like with like
+        xin = x / q.channel_scale if q.input_prescaled else x
+        xt, _ = q.transform_input(xin)
+        a_raw = quant.sqnr(x, quant.fake_quant(x, q.aq)) if q.aq else float("inf")
+        a_t = quant.sqnr(xt, quant.fake_quant(xt, q.aq)) if q.aq else float("inf")
+        rows.append((name, a_raw, a_t, quant.sqnr(ref, q(xin))))
+    return rows
+
 
 def plot_ranges(model, stats, path, block=None, alpha=0.5):
     """PNG: per-channel range (min..max, grey bars) and a value histogram (log counts) of one fc1
@@ -334,19 +341,16 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
     block = len(model.blocks) // 2 if block is None else block
     lins = {n: lin for n, _, _, lin in quant.quant_layers(model)}
     names = [f"blocks.{block}.mlp.fc1", f"blocks.{block}.mlp.fc2"]
-    cols = [("raw", {}), ("SmoothQuant", {"scale": "absmax"}), ("Hadamard", {"rotate": True}),
-            ("HadaNorm", {"rotate": True, "center": "dynamic", "scale": "cabsmax"})]
+    cols = [("raw", {}, None), ("SmoothQuant", {}, "absmax"), ("Hadamard", {"hadamard": "double"}, None),
+            ("HadaNorm", {"hadamard": "double", "center": "dynamic"}, "cabsmax")]
     W, H, pad = 300, 240, 28
-    img = Image.new("RGB", (pad + len(cols) * (W + pad), pad + len(names) * (H + pad) + 10),
-                    "white")
+    img = Image.new("RGB", (pad + len(cols) * (W + pad), pad + len(names) * (H + pad) + 10), "white")
     d, font = ImageDraw.Draw(img), ImageFont.load_default()
     for r, name in enumerate(names):
         x = stats[name]["samples"]  # (B, T, K)
-        for c, (title, kw) in enumerate(cols):
-            kw = dict(kw)
-            if "scale" in kw:
-                kw["scale"] = smooth_scale(stats[name][kw["scale"]], lins[name].weight, alpha)
-            xt, _ = QuantLinear(lins[name], **kw).transform_input(x)
+        for c, (title, kw, key) in enumerate(cols):
+            s = key and smooth_scale(stats[name][key], lins[name].weight, alpha)
+            xt, _ = QuantLinear(lins[name], channel_scale=s, **kw).transform_input(x)
             xt = xt.reshape(-1, xt.shape[-1])  # (rows, K)
             x0, y0 = pad + c * (W + pad), pad + r * (H + pad)
             lim = xt.abs().max().item()
@@ -366,26 +370,27 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
                 d.rectangle([bx, y0 + H - bot * v / hist.max().item(), bx + W / 60 - 1, y0 + H],
                             fill=(40, 90, 160))
     d.text((pad, img.height - 16), "grey: per-channel min..max (channel index ->), blue: histogram "
-                                   "of all values "
-           "(log count); scale = each panel's own max|x|", fill="black", font=font)
+           "of all values (log count); scale = each panel's own max|x|", fill="black", font=font)
     common.save_image(img, path)
 
 
-def quantize_fp(model, method, wbits, abits, calib_n=16, calib_steps=25, seed=1234, **kw):
-    """FP model -> quantized model (in place), the whole data-free pipeline. Returns the recipe."""
-    stats = collect_stats(model, calib_n, calib_steps, seed=seed)
+def quantize_fp(model, method, wbits, abits, calib_n=16, calib_steps=25, seed=1234, stats=None,
+                **kw):
+    """FP model -> quantized model (in place), the whole data-free pipeline: statistics (unless
+    given), recipe, quantization, static scales if the recipe has them. -> (recipe, traces)."""
+    stats = collect_stats(model, calib_n, calib_steps, seed=seed) if stats is None else stats
     recipe = build_recipe(model, stats, method, wbits, abits, **kw)
-    apply_recipe(model, recipe)
-    if recipe["aq"] is not None and not recipe["aq"].dynamic:
+    traces = apply_recipe(model, recipe)
+    if recipe.aq is not None and not recipe.aq.dynamic:
         calibrate_static(model, calib_n, calib_steps, seed=seed)
-    return recipe
+    return recipe, traces
 
 
 def main(argv=None):
     ap = common.Parser(description="Calibrate (data-free) and quantize the DiT with one PTQ recipe.")
     ap.add_argument("--ckpt", default=dit.DEFAULT_CKPT)
     ap.add_argument("--method", default="hadanorm", help=f"one of {', '.join(METHODS)}")
-    ap.add_argument("--wbits", type=int, default=4)
+    ap.add_argument("--wbits", type=int, default=4)  # 2..8, or 16 = float
     ap.add_argument("--abits", type=int, default=4)
     ap.add_argument("--alpha", type=common.number(float, 0, 1), default=0.5,
                     help="smoothing exponent (smoothquant, hadanorm)")
@@ -402,40 +407,37 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     args = ap.parse_args(argv)
-    for b in (args.wbits, args.abits):
-        if b != 16 and not 2 <= b <= 8:
-            raise ValueError(f"unsupported bit width {b}: choose 2..8 (or 16 = float)")
+    if bad := sorted({args.wbits, args.abits} - {2, 3, 4, 5, 6, 7, 8, 16}):
+        raise ValueError(f"unsupported bit width {bad[0]}: choose 2..8 (or 16 = float)")
     parse_method(args.method)  # an unknown recipe fails now, not after calibrating
     common.check_output(args.out, (args.ckpt,), "--out", args.force)
     common.check_output(args.plot, (args.ckpt,), "--plot", args.force)
     t0 = time.time()
     device = common.check_device(args.device)
     model, cfg = dit.load_checkpoint(args.ckpt)  # refuses an already-quantized checkpoint
-    fp, _ = dit.load_checkpoint(args.ckpt)
-    model, fp = model.to(device), fp.to(device)
+    model, fp = model.to(device), dit.load_checkpoint(args.ckpt)[0].to(device)
     stats = collect_stats(model, args.calib_n, args.calib_steps, seed=args.seed)
     if args.plot:
         plot_ranges(model, stats, args.plot, alpha=args.alpha)
         return print(f"wrote {args.plot}")
-    recipe = build_recipe(model, stats, args.method, args.wbits, args.abits, args.alpha,
-                          args.lora_rank, args.lora_iters, static_buckets=args.static_act)
-    traces = apply_recipe(model, recipe)
-    if args.static_act:
-        calibrate_static(model, args.calib_n, args.calib_steps, seed=args.seed)
+    recipe, traces = quantize_fp(model, args.method, args.wbits, args.abits, args.calib_n,
+                                 args.calib_steps, args.seed, stats, alpha=args.alpha,
+                                 lora_rank=args.lora_rank, lora_iters=args.lora_iters,
+                                 static_buckets=args.static_act)
     dt = time.time() - t0
     print(f"{'layer':22s} {'act SQNR raw':>12s} {'act SQNR transf.':>16s} {'out SQNR':>9s}  (dB)")
-    for name, a, b, o in quant.layer_report(fp, model, stats):
+    for name, a, b, o in layer_report(fp, model, stats):
         print(f"{name:22s} {a:12.2f} {b:16.2f} {o:9.2f}")
     print(f"{args.method} W{args.wbits}A{args.abits}: calibrated in {dt:.1f} s "
           f"({args.calib_n} images x {args.calib_steps} steps)")
-    if recipe.get("lowrank") and traces:  # SVDQuant: how much of the weight (and its peaks) it takes
+    if recipe.lowrank and traces:  # SVDQuant: how much of the weight (and its peaks) it takes
         share, peak = zip(*traces.values())
-        print(f"rank-{recipe['lowrank']} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of "
+        print(f"rank-{recipe.lowrank} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of "
               f"each W̃'s energy (mean {100 * sum(share) / len(share):.0f}%); it lowers max|W̃| to "
               f"{min(peak):.2f}-{max(peak):.2f}× for the 4-bit residual")
-    if recipe.get("layer_abits"):  # mixed precision: which layers the budget kept at A8
+    if recipe.layer_abits:  # mixed precision: which layers the budget kept at A8
         macs = {n: lin.in_features * lin.out_features for n, _, _, lin in quant.quant_layers(model)}
-        a8 = sorted(recipe["layer_abits"], key=list(macs).index)
+        a8 = sorted(recipe.layer_abits, key=list(macs).index)
         share = sum(macs[n] for n in a8) / sum(macs.values())
         print(f"A8 layers: {len(a8)} of {len(macs)}, {100 * share:.1f}% of the linear MACs: "
               f"{', '.join(a8)}")

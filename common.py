@@ -111,6 +111,25 @@ def check_device(name):
     return torch.device(name)
 
 
+def setup_distributed(device, batch_size=None):
+    """-> (rank, world size, torch.device). One process unless launched by torchrun (RANK in the
+    environment): then a process group (nccl on CUDA, gloo on the CPU) and, where a global batch
+    is split over the processes, a batch size they divide."""
+    check_device(device)
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device(device)
+    import torch.distributed as dist
+    cuda = device.startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if batch_size is not None and batch_size % world:
+        raise ValueError(f"--batch-size {batch_size} is not divisible by {world} processes")
+    if not cuda:
+        return rank, world, torch.device("cpu")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return rank, world, torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}")
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yields a temporary path beside `path`; on success it is renamed over `path`, on failure

@@ -210,6 +210,24 @@ def sample_states(model, n=8, steps=8, cfg_scale=4.0, seed=1234):
     return out
 
 
+@torch.no_grad()
+def record_inputs(model, names, n=8, steps=10, cfg_scale=1.5, seed=0):
+    """The inputs of the submodules `names` while `model` samples n images (DDIM, fixed noise)
+    -> {name: (tokens, K)}."""
+    acts = {}
+
+    def keep(name):
+        return lambda mod, inp: acts.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1]))
+    hooks = [model.get_submodule(name).register_forward_pre_hook(keep(name)) for name in names]
+    try:
+        y = class_labels(n, list(range(model.num_classes)))
+        Diffusion.make(steps=steps).sample(guided(model, y, cfg_scale), make_noise(n, model, seed))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: torch.cat(acts[name]) for name in names}
+
+
 def lesson_image(data_dir=None):
     """A real training image (Fashion-MNIST, if installed) or else one DDIM sample of the shipped
     model."""

@@ -225,7 +225,7 @@ def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
             sample.accelerate(model, compile)
             return model, None
         rec = calibrate.load_quantized(p)[2]
-        yield f"W{rec['wq'].bits}A{rec['aq'].bits} {rec['method']} ({os.path.basename(p)})", "integer", load
+        yield f"W{rec.wq.bits}A{rec.aq.bits} {rec.method} ({os.path.basename(p)})", "integer", load
     for setting in settings:
         for method in methods:
             def build(setting=setting, method=method):
@@ -266,6 +266,50 @@ def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device=
     return lines
 
 
+def plot_budget(tables, path):
+    """PNG: FD (± s.e.) against the mixed-precision budget (the share of linear MACs allowed 8-bit
+    activations) for the rows of `evaluate.py table` files whose method is METHOD or METHOD+a8[:S];
+    FP's FD as a line. -> the points plotted, [(budget, FD, s.e., name)]."""
+    from PIL import Image, ImageDraw, ImageFont
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for t in tables
+            for line in open(t, encoding="utf-8") if line.startswith("| ") and "±" in line]
+    fd = lambda r: [float(v) for v in r[4].split("±")]
+    fp = [fd(r) for r in rows if r[0] == "FP32"]
+    key = lambda r: ((r[0] + " -").split()[0], (r[0] + " -").split()[1].split(calibrate.A8_SUFFIX)[0])
+    keys = {key(r) for r in rows if calibrate.A8_SUFFIX in r[0]}
+    pts, seen = [], set()
+    for r in rows:
+        if r[0] != "FP32" and key(r) in keys and r[0] not in seen:
+            seen.add(r[0])
+            pts.append((calibrate.parse_method(r[0].split()[1])[1] or 0.0, *fd(r), r[0]))
+    if not pts or not fp:
+        raise ValueError(f"{', '.join(tables)}: no FP row, or no METHOD / METHOD+a8 rows to plot")
+    pts.sort()
+    W, H, pad = 520, 320, 60
+    lo = min([p[1] - p[2] for p in pts] + [fp[0][0] - fp[0][1]]) * 0.95
+    hi = max([p[1] + p[2] for p in pts] + [fp[0][0] + fp[0][1]]) * 1.05
+    X = lambda b: pad + b * (W - 2 * pad)
+    Y = lambda v: H - pad - (v - lo) / (hi - lo) * (H - 2 * pad)
+    img = Image.new("RGB", (W, H), "white")
+    d, font = ImageDraw.Draw(img), ImageFont.load_default()
+    d.rectangle([pad, pad, W - pad, H - pad], outline="black")
+    d.line([pad, Y(fp[0][0]), W - pad, Y(fp[0][0])], fill="red")
+    d.text((W - pad - 90, Y(fp[0][0]) - 14), f"FP {fp[0][0]:.1f}", fill="red", font=font)
+    for b, f, se, _ in pts:
+        d.line([X(b), Y(f - se), X(b), Y(f + se)], fill=(90, 90, 90))
+        d.ellipse([X(b) - 4, Y(f) - 4, X(b) + 4, Y(f) + 4], fill=(40, 90, 160))
+        d.text((X(b) + 6, Y(f) - 6), f"{f:.1f}", fill="black", font=font)
+    d.line([(X(b), Y(f)) for b, f, _, _ in pts], fill=(40, 90, 160))
+    for v in (0, 0.25, 0.5, 0.75, 1):
+        d.text((X(v) - 8, H - pad + 6), f"{100 * v:.0f}%", fill="black", font=font)
+    d.text((pad, H - pad + 22), "budget: share of the linear MACs at 8-bit activations",
+           fill="black", font=font)
+    d.text((pad, pad - 34), f"FD (± s.e.) vs mixed-precision budget: {pts[0][3].split(' (')[0]}",
+           fill="black", font=font)
+    common.save_image(img, path)
+    return pts
+
+
 def parse_list(text, kind, allowed=None, cast=str):
     items = [cast(v) for v in text.split(",") if v.strip()] if text else []
     bad = [v for v in items if allowed is not None and v not in allowed]
@@ -282,8 +326,7 @@ def main(argv=None):
     shared.add_argument("--ckpt", default=DEFAULT_CKPT, help="FP DiT checkpoint")
     shared.add_argument("--n", "--samples", dest="n", type=common.number(int, 4), default=None,
                         help="samples per row (table: 100, the fast screen; else 1000); under "
-                             "torchrun write "
-                             "--samples: torchrun's own parser swallows --n")
+                             "torchrun write --samples: torchrun's own parser swallows --n")
     shared.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="DDIM steps")
     shared.add_argument("--seed", type=common.number(int, 0), default=0,
                         help="noise seed (the rows share it)")
@@ -293,21 +336,17 @@ def main(argv=None):
     t = sub.add_parser("table", parents=[shared],
                        help="FP and quantized rows at each CFG scale, same noise")
     t.add_argument("--cfg", default="1.5", help="CFG scales, comma-separated (1.5: the papers' "
-                                                "metric; 4.0: the "
-                   "main job's pictures)")
+                   "metric; 4.0: the main job's pictures)")
     t.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings")
     t.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas",
-                   help="PTQ recipes "
-                   "(see calibrate.py; METHOD+a8 for mixed precision)")
+                   help="PTQ recipes (see calibrate.py; METHOD+a8[:SHARE] for mixed precision)")
     t.add_argument("--qckpt", nargs="+", default=[],
                    help="also score these saved quantized checkpoints")
-    t.add_argument("--simulate", action="store_true", help="calibrated rows in fake-quant "
-                                                           "simulation instead of "
-                   "the integer path")
-    t.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="torch.compile "
-                                                                                    "the integer "
-                                                                                    "rows "
-                   "(as sample.py; auto: where a C++ compiler is present)")
+    t.add_argument("--simulate", action="store_true",
+                   help="calibrated rows in fake-quant simulation instead of the integer path")
+    t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the integer rows (as sample.py; auto: where a C++ compiler "
+                        "is present)")
     t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
     f = sub.add_parser("fp", parents=[shared], help="the FP model alone")
     f.add_argument("--cfg", type=common.number(float, 0, 100), default=1.5, help="CFG scale")
@@ -320,12 +359,20 @@ def main(argv=None):
     c.add_argument("--epochs", type=common.POSITIVE, default=6)
     c.add_argument("--data-dir", default=None)
     c.add_argument("--out", required=True, help=f"the classifier file to write (the shipped one, "
-                                                f"{CLASSIFIER}, "
-                   "only with --force)")
+                   f"{CLASSIFIER}, only with --force)")
     c.add_argument("--force", action="store_true", help="let --out replace the shipped classifier")
     for p in (sub.choices["floor"], sub.choices["npz"]):
         p.add_argument("--data-dir", default=None)
+    pl = sub.add_parser("plot", help="PNG of FD against the mixed-precision budget, from the "
+                        "markdown of `table --out` (rows METHOD and METHOD+a8[:SHARE], FP)")
+    pl.add_argument("tables", nargs="+")
+    pl.add_argument("--out", required=True, help="the PNG to write")
     args = ap.parse_args(argv)
+    if args.cmd == "plot":
+        common.check_output(args.out, args.tables, "--out")
+        for budget, fd, se, name in plot_budget(args.tables, args.out):
+            print(f"budget {100 * budget:5.1f}%  FD {fd:7.2f} ± {se:.2f}  {name}")
+        return print(f"wrote {args.out}")
     device = common.check_device(args.device)
     if args.cmd == "train-classifier":
         common.check_output(args.out, (), "--out", args.force)
@@ -343,8 +390,7 @@ def main(argv=None):
         clf, acc = train_classifier(args.epochs, args.seed, args.data_dir)
         save_classifier(clf, acc, args.out, args.data_dir)
         print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs "
-              f"({time.time() - t0:.0f} s) "
-              f"-> {args.out}")
+              f"({time.time() - t0:.0f} s) -> {args.out}")
         return
     if args.cmd == "table":
         cfgs = parse_list(args.cfg, "CFG scale", cast=float)
@@ -355,8 +401,7 @@ def main(argv=None):
                 raise FileNotFoundError(f"--qckpt {p}: no such file")
         t0 = time.time()
         table(args.ckpt, args.n, args.steps, cfgs, args.seed, settings, methods, args.out, device,
-              args.qckpt,
-              args.simulate, args.compile)
+              args.qckpt, args.simulate, args.compile)
         print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, seed {args.seed})")
         return
     clf, ref, test_acc = load_classifier(args.classifier)
@@ -367,8 +412,7 @@ def main(argv=None):
         x, y = data.load("train", args.data_dir)
         idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.n]
         print(row("real training images (the floor)", "-", 0,
-                  dict(score(x[idx], y[idx], clf, ref, seed=args.seed),
-                                                                    sample_s=0)))
+                  dict(score(x[idx], y[idx], clf, ref, seed=args.seed), sample_s=0)))
         return
     if args.cmd == "npz":
         try:
@@ -380,17 +424,15 @@ def main(argv=None):
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or labels.shape != arr.shape[:1] \
                 or len(arr) < 4:
             raise ValueError(f"{args.path}: arr_0 {arr.dtype} {arr.shape} with labels "
-                             f"{labels.shape}; wanted "
-                             "uint8 (N >= 4, H, W, 1 or 3) and N labels")
+                             f"{labels.shape}; wanted uint8 (N >= 4, H, W, 1 or 3) and N labels")
         z = {"arr_0": arr, "labels": labels}
         x = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         print(row(args.path, "-", 0,
                   dict(score(x, torch.from_numpy(z["labels"]).long(), clf, ref, seed=args.seed),
-                                          sample_s=0)))
+                       sample_s=0)))
         return
     import torch.distributed as dist
-    if "RANK" in os.environ:  # torchrun: the samples are split over the processes (gloo, CPU)
-        dist.init_process_group("gloo")
+    device = common.setup_distributed(args.device)[2]  # torchrun: the samples are split
     model, cfg = dit.load_checkpoint(args.ckpt)
     m, _, _ = evaluate_model(model.to(device), args.n, args.steps, args.cfg, args.seed,
                              args.classifier)

@@ -110,7 +110,8 @@ class IntLinear(nn.Module):
             raise ValueError(f"unknown GEMM backend {gemm!r}: auto or one of {', '.join(GEMMS)}")
         self.in_features, self.out_features = q.in_features, q.out_features
         self.w_bits, self.a_bits, self.buckets = wq.bits, aq.bits, aq.buckets
-        self.center, self.rotate, self.block, self.single = q.center, q.rotate, q.block, q.single
+        self.center, self.hadamard, self.block = q.center, q.hadamard, q.block
+        self.rotate, self.single = q.rotate, q.single
         # DiTAS: x / s already folded into the producing layer
         self.input_prescaled = q.input_prescaled
         self.gemm_wanted = gemm
@@ -122,7 +123,7 @@ class IntLinear(nn.Module):
         # what is stored
         self.register_buffer("w_int", quant.pack_int4(codes) if wq.bits <= 4 else codes)
         self.register_buffer("w_scale", q.w_scale.detach().clone())  # (N, 1)
-        for name in ("bias", "s", "signs", "mu_static", "a_scale", "a_clip", "lora_u", "lora_v"):
+        for name in ("bias", "channel_scale", "signs", "mu_static", "a_scale", "a_clip", "lora_u", "lora_v"):
             t = getattr(q, name)
             self.register_buffer(name, None if t is None else t.detach().float().clone())
         self.register_load_state_dict_post_hook(lambda module, _: module.prepare())
@@ -179,8 +180,8 @@ class IntLinear(nn.Module):
             v = self.lora_v
             if self.rotate and not self.single:
                 v = hadamard.transform(v, inverse=True, block=self.block, signs=self.signs)
-            if self.s is not None and not self.input_prescaled:
-                v = v / self.s
+            if self.channel_scale is not None and not self.input_prescaled:
+                v = v / self.channel_scale
             # (K, r) and (r, N): the kernel's layouts
             vt, ut = v.T.contiguous(), self.lora_u.T.contiguous()
         self.register_buffer("lora_vt", vt, persistent=False)
@@ -191,7 +192,7 @@ class IntLinear(nn.Module):
         term = None
         # static centring: the mean term is a constant, computed once
         if self.mu_static is not None:
-            mu_t = self.mu_static.view(1, K) / (1 if self.s is None or self.input_prescaled else self.s)
+            mu_t = self.mu_static.view(1, K) / (1 if self.channel_scale is None or self.input_prescaled else self.channel_scale)
             term = self.mean_term(hadamard.transform(mu_t, block=self.block, signs=self.signs) if self.rotate else mu_t)
         self.register_buffer("static_term", term, persistent=False)
 
@@ -204,7 +205,7 @@ class IntLinear(nn.Module):
         """What the activation quantizer needs besides x: (center, static mean, scale, ratio,
         step)."""
         mu = self.mu_static.view(1, -1) if self.center == "static" else None
-        s = None if self.input_prescaled else self.s
+        s = None if self.input_prescaled else self.channel_scale
         ratio = None if self.a_clip is None else self.per_sample(self.a_clip.clamp(min=1e-3), S)
         step = None if self.a_scale is None else self.per_sample(self.a_scale.clamp(min=1e-8), S)
         return self.center == "dynamic", mu, s, ratio, step
@@ -281,12 +282,10 @@ class IntLinear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self):
-        t = [n for n,
-             on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),
-                             ("hadamard" + (" single" if self.single else ""), self.rotate)) if on]
+        t = [f"center={self.center}"] * (self.center != "none") + \
+            ["scale"] * (self.channel_scale is not None) + [f"hadamard={self.hadamard}"] * self.rotate
         return (f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits} integer "
-                f"({self.gemm}), "
-                f"transform [{', '.join(t)}]")
+                f"({self.gemm}), transform [{', '.join(t)}]")
 
 
 class IntMlp(nn.Module):
@@ -343,8 +342,7 @@ def to_integer(obj, gemm="auto"):
 def save_quantized(path, model, cfg, recipe, calib):
     """A quantized checkpoint. Integer models store packed int4 (uint8) / int8 weight codes with
     fp32 scales; the layers kept in float are stored in fp16 (as the FP checkpoint)."""
-    ser = {k: (v.__dict__.copy() if isinstance(v, quant.QConfig) else v) for k, v in recipe.items()}
-    ser["integer"] = any(isinstance(m, IntLinear) for m in model.modules())
+    ser = dict(recipe.to_dict(), integer=any(isinstance(m, IntLinear) for m in model.modules()))
     qnames = {n for n, *_ in quant.quant_layers(model)}
     sd = {k: (v.half() if v.is_floating_point() and k.rsplit(".", 1)[0] not in qnames else v)
           for k, v in model.state_dict().items()}
@@ -360,19 +358,21 @@ def load_quantized(path):
                          f"model)")
     common.check_finite(ck["model"], path)
     cfg = dict(ck["config"])
-    recipe = dict(ck["recipe"])
-    for k in ("wq", "aq"):
-        recipe[k] = None if recipe[k] is None else quant.QConfig(**recipe[k])
+    try:
+        recipe = quant.Recipe.from_dict(ck["recipe"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its recipe is not valid: {e}") from None
     model = dit.build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
     quant.quantize_model(model, recipe)
     for name, _, _, q in quant.quant_layers(model):
-        q.input_prescaled = name in recipe.get("prescaled", [])
-        r = recipe.get("lora_rank") or recipe.get("lowrank")
+        r = recipe.lora_rank or recipe.lowrank
         if r and q.wq is not None:
             q.set_lora(torch.zeros(q.out_features, r), torch.zeros(r, q.in_features))
-    if recipe.get("integer"):
+    if recipe.integer:
         to_integer(model)
-    sd, own = dict(ck["model"]), model.state_dict()
+    own = model.state_dict()
+    # older files: the channel scale was the buffer `s`
+    sd = {(k[:-2] + ".channel_scale" if k.endswith(".s") else k): v for k, v in ck["model"].items()}
     # older integer files: zero points
     for k in [k for k in sd if k.endswith(".w_zero") and k not in own]:
         if sd[k].abs().max() != 0:
@@ -409,7 +409,7 @@ def main():
     x = quant.lesson_activations(args.n, 10, int(name[1]))[name[2]].unsqueeze(0)
     lin = dit.load_checkpoint(dit.DEFAULT_CKPT)[0].get_submodule(args.layer)
     sim = quant.QuantLinear(lin, quant.QConfig(4, range="mse"), quant.QConfig(4), center="dynamic",
-                            rotate=True)
+                            hadamard="double")
     x = x[:, : x.shape[1] // 64 * 64].reshape(-1, 64, lin.in_features)  # samples of 64 tokens
     with torch.no_grad():
         y_sim = sim(x)

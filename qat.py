@@ -15,6 +15,7 @@ halves) along the FP model's own DDIM trajectories with CFG: no data set is need
     python qat.py ... --hadamard none | double        # the ablation: plain LSQ QAT / QuaRot-style
 """
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -32,9 +33,9 @@ import dit
 import integer
 import quant
 from diffusion import Diffusion, class_labels, make_noise
-from quant import QConfig, QuantLinear
+from quant import QConfig, QuantLinear, Recipe
 
-MODES = ("single", "none", "double")
+MODES = ("single", "none", "double")  # quant.HADAMARD
 INITS = ("hadanorm", "svdquant-hadanorm")  # PTQ recipes QAT can start from (or "plain")
 ACTS = ("token", "static")
 
@@ -67,13 +68,14 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=8, 
     model = copy.deepcopy(fp)
     aq = (QConfig(abits, clip=True, buckets=buckets) if act == "token"
           else QConfig(abits, granularity="tensor", dynamic=False, buckets=buckets))
-    recipe = {"method": f"hqdm-{mode}", "wq": QConfig(wbits, range="mse"), "aq": aq, "init": init,
-              "rotate": mode != "none", "single": mode == "single", "block": block}
+    recipe = Recipe(f"hqdm-{mode}", QConfig(wbits, range="mse"), aq, hadamard=mode, block=block,
+                    init=init)
     # important! W4A4 loss over the first 50 steps 1.26e-2 from HadaNorm, vs 3.43e-2 plain/static
     if init != "plain":
         stats = calibrate.collect_stats(fp, calib_n, calib_steps, seed=seed)
         ptq = calibrate.build_recipe(fp, stats, init, wbits, abits, block=block)
-        recipe.update({k: ptq[k] for k in ("center", "scales", "lowrank", "layer_abits") if k in ptq})
+        recipe = dataclasses.replace(recipe, center=ptq.center, scales=ptq.scales,
+                                     lowrank=ptq.lowrank, layer_abits=ptq.layer_abits)
     # quantize_model, and the low-rank branch if the recipe has one
     calibrate.apply_recipe(model, recipe)
     if act == "static":
@@ -255,17 +257,26 @@ def identity(args):
                                          "act", "traj", "steps", "traj_cfg", "loss", "seed")}
 
 
+def resume(args, state_path, model, opt, gen):
+    """Loads a QAT run's state into model, opt and gen -> its step; refuses other settings."""
+    if not os.path.exists(state_path):
+        raise FileNotFoundError(f"--resume: no QAT state at {state_path}")
+    st = common.load_file(state_path, "QAT state")
+    if st["identity"] != identity(args):
+        diff = {k: (st["identity"].get(k), v) for k, v in identity(args).items()
+                if st["identity"].get(k) != v}
+        raise ValueError(f"--resume: {state_path} was trained with other settings (saved, now): "
+                         f"{diff}")
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["opt"])
+    gen.set_state(st["gen"])
+    return st["step"]
+
+
 def train(args):
     """Runs (or resumes) QAT; returns (model, recipe, cfg, losses of this call). Under torchrun the
     global batch (one generator) is split over the processes, as in train.py."""
-    rank, world = 0, 1
-    if "RANK" in os.environ:
-        dist.init_process_group("gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if args.batch_size % world:
-            raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} "
-                             f"processes")
-    device = common.check_device(args.device)
+    rank, world, device = common.setup_distributed(args.device, args.batch_size)
     fp, cfg = dit.load_checkpoint(args.ckpt)
     fp = fp.to(device).requires_grad_(False)
     os.makedirs(args.state_dir, exist_ok=True)
@@ -277,20 +288,8 @@ def train(args):
     # deterministic: rebuilt on resume
     data = trajectories(fp, args.traj, args.steps, args.traj_cfg, seed=args.seed)
     opt = make_optimizer(model, args.lr, args.lr_scale)
-    gen, step = torch.Generator().manual_seed(args.seed), 0
-    if args.resume:
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"--resume: no QAT state at {state_path}")
-        st = torch.load(state_path, map_location="cpu", weights_only=True)
-        if st["identity"] != identity(args):
-            diff = {k: (st["identity"].get(k), v) for k,
-                    v in identity(args).items() if st["identity"].get(k) != v}
-            raise ValueError(f"--resume: {state_path} was trained with other settings (saved, "
-                             f"now): {diff}")
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        gen.set_state(st["gen"])
-        step = st["step"]
+    gen = torch.Generator().manual_seed(args.seed)
+    step = resume(args, state_path, model, opt, gen) if args.resume else 0
 
     def save():
         if rank == 0:
@@ -420,7 +419,7 @@ def main(argv=None):
                   f"CFG {'/'.join(map(str, args.traj_cfg))})")
         return
     model, recipe, cfg, losses = train(args)
-    msg = f"QAT {recipe['method']} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"
+    msg = f"QAT {recipe.method} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"
     if losses:
         k = min(50, len(losses))
         msg += f", loss {sum(losses[:k]) / k:.3e} (first {k}) -> {sum(losses[-k:]) / k:.3e} (last {k})"

@@ -13,20 +13,23 @@ Quantizer conventions (docs/design.md): symmetric levels [-2^(b-1), 2^(b-1)-1] w
 (tokens of x, output channels of W) or per group of g along K; range by min-max or by an MSE search
 over clipping ratios.
 
-    python quant.py          # quantization error of one random layer under each setting
+    python quant.py    # SQNR of the shipped model's activations at 8/4/3 bits, per tensor/token/group
 """
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 
 import common
 import dit
-import hadamard
+from diffusion import record_inputs
+from hadamard import random_signs, transform as hadamard_transform
 
 # per block; everything else stays float
 QUANT_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+CENTER = ("none", "dynamic", "static")  # no centring, the per-sample token mean, a calibrated one
+HADAMARD = ("none", "double", "single")  # see QuantLinear
 
 
 #################################################################################
@@ -78,8 +81,7 @@ def _grouped(x, cfg):
 
 def _minmax(x, cfg, ratio=1.0):
     if cfg.granularity == "tensor":
-        lo, hi = x.min().reshape(1), x.max().reshape(1)
-        lo, hi = lo.view([1] * x.dim()), hi.view([1] * x.dim())
+        lo, hi = x.min().view([1] * x.dim()), x.max().view([1] * x.dim())
     else:
         lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
     qmin, qmax = levels(cfg)
@@ -188,46 +190,44 @@ def sqnr(ref, x):
 
 class QuantLinear(nn.Module):
     """A linear layer with an exact input transform, weight/activation quantizers and low-rank
-    branch."""
-    def __init__(self, linear, wq=None, aq=None, center="none", scale=None, rotate=False,
-                 block=None,
-                 signs=None, static_mean=None, single=False):
+    branch. hadamard: "none", "double" (x Hᵀ online, W Hᵀ offline) or "single" (HQ-DM: x is
+    quantized in the Hadamard domain and rotated back, W stays unrotated)."""
+    def __init__(self, linear, wq=None, aq=None, center="none", channel_scale=None,
+                 hadamard="none", block=None, signs=None, static_mean=None):
         super().__init__()
-        if single and not rotate:
-            raise ValueError("single-Hadamard (HQ-DM) mode needs rotate=True")
-        if center not in ("none", "dynamic", "static"):
-            raise ValueError(f"unknown centering {center!r}: none, dynamic or static")
+        if hadamard not in HADAMARD:
+            raise ValueError(f"unknown hadamard {hadamard!r}: {', '.join(HADAMARD)}")
+        if center not in CENTER:
+            raise ValueError(f"unknown centering {center!r}: {', '.join(CENTER)}")
         if center == "static" and static_mean is None:
             raise ValueError("static centering needs a calibrated mean")
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.wq, self.aq, self.center, self.rotate, self.block = wq, aq, center, rotate, block
-        # HQ-DM: quantize x in the Hadamard domain, rotate back, W stays unrotated
-        self.single = single
+        self.wq, self.aq, self.center, self.hadamard, self.block = wq, aq, center, hadamard, block
+        self.rotate, self.single = hadamard != "none", hadamard == "single"
         W = linear.weight.detach().float()  # (N, K)
-        self.register_buffer("s", None if scale is None else scale.detach().float().clone())
-        self.register_buffer("signs", None if signs is None else signs.float())
-        self.register_buffer("mu_static",
-                             None if static_mean is None else static_mean.detach().float().clone())
-        if self.s is not None:
+        own = lambda t: None if t is None else t.detach().float().clone()
+        self.register_buffer("channel_scale", own(channel_scale))  # s
+        self.register_buffer("signs", own(signs))
+        self.register_buffer("mu_static", own(static_mean))
+        if self.channel_scale is not None:
             # exercise hadanorm: fold the channel scale into W, W diag(s); center and scale x in transform_input
-            W = W * self.s  # W diag(s)
+            W = W * self.channel_scale  # W diag(s)
             # end exercise hadanorm
-        if rotate and not single:
-            W = hadamard.transform(W, block=block, signs=self.signs)  # W diag(s) Hᵀ
+        if hadamard == "double":
+            W = hadamard_transform(W, block=block, signs=self.signs)  # W diag(s) Hᵀ
         self.weight = nn.Parameter(W, requires_grad=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(own(linear.bias), requires_grad=False)
         self.register_buffer("w_scale", None)
         self.register_buffer("w_zero", None)
         self.lora_u = self.lora_v = None
         self.quantize_enabled = True
         self.input_prescaled = False  # DiTAS: x / s already folded into the producing layer
-        static = aq is not None and not aq.dynamic
-        # per timestep bucket
+        static, clip = aq is not None and not aq.dynamic, aq is not None and aq.clip
+        # per timestep bucket: static steps, or (clip) learned ratios, 1 = per-token min-max
         self.register_buffer("a_scale", torch.ones(aq.buckets) if static else None)
-        clip = aq is not None and aq.clip
-        # 1 = per-token min-max
         self.register_buffer("a_clip", torch.ones(aq.buckets) if clip else None)
         self.t_bucket = None  # (N,) bucket of each sample, set by the model's timestep hook
+        self.buckets = aq.buckets if aq is not None else 1
         self.refresh_weight_quant()
 
     def refresh_weight_quant(self):
@@ -256,26 +256,22 @@ class QuantLinear(nn.Module):
             # exercise hadanorm: center the input on its channel means
             x = x - mu
             # end exercise hadanorm
-        if self.s is not None and not self.input_prescaled:
+        if self.channel_scale is not None and not self.input_prescaled:
             # exercise hadanorm: divide the input (and its mean) by the channel scale s
-            x = x / self.s
-            mu = None if mu is None else mu / self.s
+            x = x / self.channel_scale
+            mu = None if mu is None else mu / self.channel_scale
             # end exercise hadanorm
         if self.rotate:
-            x = hadamard.transform(x, block=self.block, signs=self.signs)
-            mu = None if mu is None else hadamard.transform(mu, block=self.block, signs=self.signs)
+            x = hadamard_transform(x, block=self.block, signs=self.signs)
+            mu = None if mu is None else hadamard_transform(mu, block=self.block, signs=self.signs)
         return x, mu
-
-    @property
-    def buckets(self):
-        return self.aq.buckets if self.aq is not None else 1
 
     def per_bucket(self, v, xt):
         """v[bucket of each sample], shaped (N, 1, 1) to broadcast over its tokens and channels."""
         b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
         return v[b.to(v.device)].view(-1, *[1] * (xt.dim() - 1))
 
-    def static_scale(self, xt):
+    def act_step(self, xt):
         """The activation step of each token: the calibrated one of its sample's timestep bucket, or
         (clip) its own max|x̃| times the bucket's learned clipping ratio, over qmax."""
         if self.a_clip is not None:
@@ -289,7 +285,7 @@ class QuantLinear(nn.Module):
             return xt
         if self.aq.dynamic and self.a_clip is None:
             return fake_quant(xt, self.aq)
-        return fake_quant_with(xt, self.static_scale(xt), 0.0, self.aq)
+        return fake_quant_with(xt, self.act_step(xt), 0.0, self.aq)
 
     def forward(self, x):
         xt, mu = self.transform_input(x)  # (N, T, K)
@@ -310,46 +306,88 @@ class QuantLinear(nn.Module):
         return ((self.unrotate(xf) if self.single else xf) @ self.lora_v.T) @ self.lora_u.T
 
     def unrotate(self, x):
-        return hadamard.transform(x, inverse=True, block=self.block, signs=self.signs)
+        return hadamard_transform(x, inverse=True, block=self.block, signs=self.signs)
 
     def extra_repr(self):
-        t = [n for n,
-             on in (("center=" + self.center, self.center != "none"), ("scale", self.s is not None),
-                             ("hadamard" + (f"(block={self.block})" if self.block else ""), self.rotate)) if on]
+        t = [f"center={self.center}"] * (self.center != "none") + \
+            ["scale"] * (self.channel_scale is not None) + \
+            [f"hadamard={self.hadamard}" + (f"(block={self.block})" if self.block else "")] * self.rotate
         q = lambda c: "fp" if c is None else f"{'s' if c.symmetric else 'a'}{c.bits}/{c.granularity}/{c.range}"
         return f"{self.in_features}->{self.out_features}, W {q(self.wq)}, A {q(self.aq)}, transform [{', '.join(t)}]"
 
 
 def quant_layers(model):
     """(name, parent, attr, module) of every layer that quantization replaces, in block order."""
-    out = []
-    for i, blk in enumerate(model.blocks):
-        for path in QUANT_LAYERS:
-            parent_name, attr = path.split(".")
-            parent = getattr(blk, parent_name)
-            out.append((f"blocks.{i}.{path}", parent, attr, getattr(parent, attr)))
-    return out
+    return [(f"blocks.{i}.{path}", blk.get_submodule(path.split(".")[0]), path.split(".")[1],
+             blk.get_submodule(path)) for i, blk in enumerate(model.blocks) for path in QUANT_LAYERS]
+
+
+@dataclass
+class Recipe:
+    """A quantization method as data: what `quantize_model` builds every QuantLinear from."""
+    method: str  # its name, e.g. "hadanorm", "svdquant-hadanorm+a8", "hqdm-single"
+    wq: QConfig = None  # weights (None: float)
+    aq: QConfig = None  # activations (None: float)
+    center: str = "none"  # one of CENTER
+    hadamard: str = "none"  # one of HADAMARD
+    block: int = None  # block-diagonal Hadamard of this size (None: the whole K)
+    signs_seed: int = None  # random ±1 signs before the Hadamard (QuaRot), from this seed
+    scales: dict = field(default_factory=dict)  # layer name -> channel scale s (K,)
+    means: dict = field(default_factory=dict)  # layer name -> calibrated mean (center="static")
+    layer_abits: dict = field(default_factory=dict)  # layer name -> its own activation bits
+    prescaled: list = field(default_factory=list)  # DiTAS: layers whose x / s the producer folds
+    lora_rank: int = 0  # DiTAS: rank of the LoRA fitted to the weight's quantization error
+    lora_iters: int = 10  # ... and its alternations
+    lowrank: int = 0  # SVDQuant: rank of the float branch taken out of W before quantizing
+    alpha: float = 0.5  # the smoothing exponent the scales were made with (a record)
+    alphas: dict = field(default_factory=dict)  # DiTAS: each layer's searched α (a record)
+    init: str = None  # QAT: the PTQ recipe it started from (a record)
+    integer: bool = False  # saved in the integer form (set by save_quantized)
+
+    def __post_init__(self):
+        if self.center not in CENTER or self.hadamard not in HADAMARD:
+            raise ValueError(f"recipe {self.method!r}: center is one of {CENTER} and hadamard one "
+                             f"of {HADAMARD}, got {self.center!r} and {self.hadamard!r}")
+        if self.center == "static" and not self.means:
+            raise ValueError(f"recipe {self.method!r}: static centring needs calibrated means")
+        if min(self.lora_rank, self.lowrank, self.lora_iters) < 0 or (self.block or 1) < 1:
+            raise ValueError(f"recipe {self.method!r}: ranks, iterations and block must be >= 0")
+        if self.layer_abits and self.aq is None:
+            raise ValueError(f"recipe {self.method!r}: per-layer activation bits need an aq")
+
+    def to_dict(self):
+        """Plain types only (QConfigs as dicts), so a checkpoint loads with weights_only=True."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        for k in ("wq", "aq"):
+            d[k] = None if d.get(k) is None else QConfig(**d[k])
+        if "rotate" in d or "single" in d:  # files written before `hadamard` named the form
+            rotate, single = d.pop("rotate", False), d.pop("single", False)
+            d["hadamard"] = "single" if single else "double" if rotate else "none"
+        if unknown := set(d) - {f.name for f in dataclasses.fields(cls)}:
+            raise ValueError(f"unknown recipe keys {sorted(unknown)}")
+        return cls(**d)
 
 
 def quantize_model(model, recipe):
-    """Swaps qkv/proj/fc1/fc2 of every block for QuantLinear built from `recipe` (a dict).
-
-    recipe keys: wq, aq (QConfig or None), center, rotate, block, signs_seed, and per-layer dicts
-    `scales` / `means` {layer name: tensor} from calibration and `layer_abits` {layer name: bits}
-    (mixed precision). Returns the model (changed in place).
-    """
+    """Swaps qkv/proj/fc1/fc2 of every block for QuantLinears built from `recipe` (a Recipe).
+    Returns the model (changed in place)."""
+    if not isinstance(recipe, Recipe):
+        raise TypeError(f"quantize_model takes a quant.Recipe, got {type(recipe).__name__}")
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("model is already quantized; quantize the full-precision model instead")
+    r = recipe
     for name, parent, attr, lin in quant_layers(model):
-        signs = hadamard.random_signs(lin.in_features, recipe["signs_seed"]) if recipe.get("signs_seed") is not None else None
-        aq = recipe.get("aq")
-        # mixed precision: this layer's own activation bits
-        if name in recipe.get("layer_abits", {}):
-            aq = dataclasses.replace(aq, bits=recipe["layer_abits"][name])
-        q = QuantLinear(lin, recipe.get("wq"), aq, recipe.get("center", "none"),
-                        recipe.get("scales", {}).get(name), recipe.get("rotate", False),
-                            recipe.get("block"),
-                        signs, recipe.get("means", {}).get(name), recipe.get("single", False))
+        signs = None if r.signs_seed is None else random_signs(lin.in_features, r.signs_seed)
+        aq = r.aq  # mixed precision: this layer's own activation bits
+        if name in r.layer_abits:
+            aq = dataclasses.replace(aq, bits=r.layer_abits[name])
+        q = QuantLinear(lin, r.wq, aq, r.center, r.scales.get(name), r.hadamard, r.block, signs,
+                        r.means.get(name))
+        q.input_prescaled = name in r.prescaled
         setattr(parent, attr, q.to(lin.weight.device))
     attach_timestep_hook(model)
     return model
@@ -360,11 +398,10 @@ def attach_timestep_hook(model):
     timestep: a pre-hook on the timestep embedder (called on every forward, CFG included) hands
     every layer that has them its bucket, t * buckets // 1000. Not on the DiT itself:
     forward_with_cfg calls self.forward directly. The layers are listed on the embedder, so a deep
-    copy of the model
-    updates its own layers."""  # important!
+    copy of the model updates its own layers."""  # important!
     emb = model.t_embedder
-    emb.bucket_users = [m for m in model.modules() if getattr(m, "a_scale", None) is not None
-                        # QuantLinear and its integer form
+    emb.bucket_users = [m for m in model.modules()  # QuantLinear and its integer form
+                        if getattr(m, "a_scale", None) is not None
                         or getattr(m, "a_clip", None) is not None]
     if emb.bucket_users and getattr(emb, "bucket_hook", None) is None:
         emb.bucket_hook = emb.register_forward_pre_hook(_set_buckets)
@@ -376,64 +413,27 @@ def _set_buckets(emb, args):
         q.t_bucket = (t.long() * q.buckets // 1000).clamp(0, q.buckets - 1)
 
 
-@torch.no_grad()
-def layer_report(fp_model, q_model, stats):
-    """Per layer: SQNR of the quantized activations (raw vs transformed) and of the layer output."""
-    fp = {n: lin for n, _, _, lin in quant_layers(fp_model)}
-    rows = []
-    for name, _, _, q in quant_layers(q_model):
-        x = stats[name]["samples"].to(q.bias.device if q.bias is not None else "cpu")
-        if q.a_scale is not None:  # static scales: each stored input's own timestep bucket
-            q.t_bucket = (stats[name]["samples_t"] * q.aq.buckets // 1000).clamp(max=q.aq.buckets - 1)
-        ref = fp[name](x)
-        proj = q_model.get_submodule(name.replace("qkv", "proj"))
-        if name.endswith("qkv") and getattr(proj, "input_prescaled", False):
-            D = x.shape[-1]
-            # DiTAS folded proj's 1/s into the V rows: compare like with like
-            ref[..., 2 * D:] /= proj.s
-        xin = x / q.s if getattr(q, "input_prescaled", False) else x
-        xt, _ = q.transform_input(xin)
-        a_raw = sqnr(x, fake_quant(x, q.aq)) if q.aq else float("inf")
-        a_t = sqnr(xt, fake_quant(xt, q.aq)) if q.aq else float("inf")
-        rows.append((name, a_raw, a_t, sqnr(ref, q(xin))))
-    return rows
-
-
 def set_quantization(model, enabled):
     """Turns fake quantization on/off everywhere (the transform stays: it is exact)."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            m.quantize_enabled = enabled
+    for q in (m for m in model.modules() if isinstance(m, QuantLinear)):
+        q.quantize_enabled = enabled
 
 
-@torch.no_grad()
 def lesson_activations(n=8, steps=10, block=3):
     """Inputs of block `block`'s four linears while the shipped model samples (DDIM, CFG 1.5)."""
-    from diffusion import Diffusion, class_labels, guided, make_noise
-    model = dit.load_checkpoint(dit.DEFAULT_CKPT)[0]
-    acts = {}
-    hooks = [model.get_submodule(f"blocks.{block}.{n_}").register_forward_pre_hook(
-        lambda mod, inp,
-            n_=n_: acts.setdefault(n_, []).append(inp[0].reshape(-1, inp[0].shape[-1])))
-        for n_ in QUANT_LAYERS]
-    y = class_labels(n, list(range(model.num_classes)))
-    Diffusion.make(steps=steps).sample(guided(model, y, 1.5), make_noise(n, model, 0))
-    for h in hooks:
-        h.remove()
-    return {k: torch.cat(v) for k, v in acts.items()}  # name -> (tokens, K)
+    names = [f"blocks.{block}.{n_}" for n_ in QUANT_LAYERS]
+    acts = record_inputs(dit.load_checkpoint(dit.DEFAULT_CKPT)[0], names, n, steps)
+    return {k.split(".", 2)[2]: v for k, v in acts.items()}  # "attn.qkv" -> (tokens, K)
 
 
 def main():
     ap = common.Parser(description="Lesson: activation quantization error (SQNR, dB) of the "
-                                   "shipped model's "
-                                             "real activations at 8/4/3 bits, per tensor vs per "
-                                             "token vs per group.")
-    ap.add_argument("--n", type=int, default=8, help="images sampled to collect activations")
-    ap.add_argument("--steps", type=int, default=10, help="DDIM steps")
-    ap.add_argument("--block", type=int, default=3)
+                       "shipped model's real activations at 8/4/3 bits, per tensor vs per token "
+                       "vs per group.")
+    ap.add_argument("--n", type=common.POSITIVE, default=8, help="images sampled to collect activations")
+    ap.add_argument("--steps", type=common.POSITIVE, default=10, help="DDIM steps")
+    ap.add_argument("--block", type=common.number(int, 0), default=3)
     args = ap.parse_args()
-    if args.n < 1 or args.steps < 1:
-        raise ValueError("--n and --steps must be positive")
     acts = lesson_activations(args.n, args.steps, args.block)
     print(f"SQNR (dB, higher is better) of Q(x) for the inputs x of block {args.block}'s linears, "
           f"{args.n} images x {args.steps} DDIM steps of {dit.DEFAULT_CKPT}:")

@@ -294,8 +294,7 @@ def load_model(args):
         raise ValueError("--simulate needs a bit setting (--w8a8, --w4a8, --w4a4 or --w4a3)")
     if args.qckpt and args.simulate:
         raise ValueError("--simulate calibrates from the FP checkpoint; a packed --qckpt has no "
-                         "float "
-                         "weights or calibration statistics to simulate from")
+                         "float weights or calibration statistics to simulate from")
     if not args.bits and not args.qckpt:
         model, cfg = dit.load_checkpoint(args.ckpt)
         return model, cfg, "fp32"
@@ -309,47 +308,54 @@ def load_model(args):
         why = "--simulate needs float weights" if args.simulate else (
             "is unreadable or was trained from another FP file" if stale else "does not exist")
         raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py "
-                         f"train --ckpt {args.ckpt} "
-                         f"--wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --out "
-                         f"{path}")
+                         f"train --ckpt {args.ckpt} --wbits {SETTINGS[args.bits][0]} --abits "
+                         f"{SETTINGS[args.bits][1]} --out {path}")
     if not args.simulate and os.path.exists(path) and stale and not args.qckpt:
         print(f"warning: {path} is unreadable or was made from another FP file; calibrating it anew",
               file=sys.stderr)
     if not args.simulate and os.path.exists(path) and not stale:
-        model, cfg, recipe = calibrate.load_quantized(path)
-        same = (recipe["method"] == method or (method == QAT and recipe["method"].startswith(QAT + "-"))
-                # a given file without --method: any recipe of those bits
-                or (args.qckpt and not args.method))
-        if args.bits and (not same or (recipe["wq"].bits, recipe["aq"].bits) != SETTINGS[args.bits]):
-            raise ValueError(f"{path} holds {recipe['method']} "
-                             f"W{recipe['wq'].bits}A{recipe['aq'].bits}, "
-                             f"not {method} {args.bits.upper()}")
-        path_kind = "integer" if recipe.get("integer") else "simulated"
-        return model, cfg, f"W{recipe['wq'].bits}A{recipe['aq'].bits} {recipe['method']} {path_kind} (loaded {path})"
+        return load_saved(path, method, args)
     if args.qckpt:
         raise FileNotFoundError(f"quantized checkpoint not found: {path}")
+    return calibrate_now(args, method, path)
+
+
+def load_saved(path, method, args):
+    """A quantized checkpoint -> (model, config, description); it must hold `method` at the
+    asked bit setting (a --qckpt given without --method: any recipe of those bits)."""
+    model, cfg, recipe = calibrate.load_quantized(path)
+    same = (recipe.method == method or (method == QAT and recipe.method.startswith(QAT + "-"))
+            or (args.qckpt and not args.method))
+    bits = f"W{recipe.wq.bits}A{recipe.aq.bits}"
+    if args.bits and (not same or (recipe.wq.bits, recipe.aq.bits) != SETTINGS[args.bits]):
+        raise ValueError(f"{path} holds {recipe.method} {bits}, not {method} {args.bits.upper()}")
+    path_kind = "integer" if recipe.integer else "simulated"
+    return model, cfg, f"{bits} {recipe.method} {path_kind} (loaded {path})"
+
+
+def calibrate_now(args, method, path):
+    """Quantizes the FP checkpoint by `method` -> (model, config, description); on the integer
+    path it is saved to `path`, the cache later runs load, and sampled from its saved form."""
     model, cfg = dit.load_checkpoint(args.ckpt)
     t0 = time.time()
-    recipe = calibrate.quantize_fp(model, method, *SETTINGS[args.bits])
-    dt = time.time() - t0
+    recipe, _ = calibrate.quantize_fp(model, method, *SETTINGS[args.bits])
+    made = f"{args.bits.upper()} {method} %s (calibrated in {time.time() - t0:.1f} s%s)"
     if args.simulate:
-        return model, cfg, f"{args.bits.upper()} {method} simulated (calibrated in {dt:.1f} s)"
+        return model, cfg, made % ("simulated", "")
     integer.to_integer(model)
     try:  # only a cache: a file that cannot be written does not stop sampling
         common.check_output(path, (args.ckpt,), "the calibration cache")
-        calibrate.save_quantized(path, model, cfg, recipe, {"ckpt": args.ckpt,
-                                                            "fp_sha256": common.file_sha256(args.ckpt)})
+        calibrate.save_quantized(path, model, cfg, recipe,
+                                 {"ckpt": args.ckpt, "fp_sha256": common.file_sha256(args.ckpt)})
     except (OSError, ValueError) as e:
         print(f"warning: calibrated model not cached ({e}); sampling from it all the same",
               file=sys.stderr)
-        # the saved form all the same: what a cached run would load
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:  # the saved form all the same
             calibrate.save_quantized(os.path.join(tmp, "q.pt"), model, cfg, recipe, {})
-            model = calibrate.load_quantized(os.path.join(tmp, "q.pt"))[0]
-        return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, not cached)"
+            return calibrate.load_quantized(os.path.join(tmp, "q.pt"))[0], cfg, \
+                made % ("integer", ", not cached")
     # important! sample from what was saved (fp16 adaLN), as every later run
-    model = calibrate.load_quantized(path)[0]
-    return model, cfg, f"{args.bits.upper()} {method} integer (calibrated in {dt:.1f} s, saved {path})"
+    return calibrate.load_quantized(path)[0], cfg, made % ("integer", f", saved {path}")
 
 
 def main(argv=None):

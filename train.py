@@ -92,19 +92,6 @@ def model_config(args):
     return {"model": args.model}
 
 
-def setup_distributed(args):
-    """-> (rank, world size, device). One process unless launched by torchrun (RANK in the env)."""
-    common.check_device(args.device)
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by {world} processes")
-    device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}") if args.device.startswith("cuda") else torch.device("cpu")
-    return rank, world, device
-
-
 def global_batch(gen, x_all, y_all, batch_size, num_classes, p_drop=0.1):
     """Every random draw of one step, for the whole (global) batch, from one generator."""
     idx = torch.randint(0, len(x_all), (batch_size,), generator=gen)
@@ -117,11 +104,37 @@ def global_batch(gen, x_all, y_all, batch_size, num_classes, p_drop=0.1):
     return x, y, t, noise
 
 
+def resume(args, state_path, model, ema, opt, gen, rank=0):
+    """Loads a run's state into model, ema, opt and gen -> its step. Refuses other FIXED settings;
+    a new --lr, --ema-decay or --iters applies (said on stderr); log lines past the step go."""
+    if not os.path.exists(state_path):
+        raise FileNotFoundError(f"--resume: no training state at {state_path}")
+    st = common.load_file(state_path, "training state")
+    old = st["args"]
+    clash = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in FIXED
+             if old.get(k) != getattr(args, k)]
+    if clash:
+        raise ValueError(f"--resume: {state_path} was trained with {', '.join(clash)}; resume "
+                         "with the same values or start a new --run-dir")
+    dit.load_state_dict_checked(model, st["model"], state_path)
+    dit.load_state_dict_checked(ema, st["ema"], state_path)
+    opt.load_state_dict(st["opt"])
+    for g in opt.param_groups:  # important! the optimizer state carries the old lr
+        g["lr"] = args.lr
+    gen.set_state(st["data_rng"])
+    changed = [k for k in ("lr", "ema_decay", "iters") if old.get(k) != getattr(args, k)]
+    if changed and rank == 0:
+        print("resuming with " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (was "
+                                           f"{old.get(k)})" for k in changed), file=sys.stderr)
+    trim_log(os.path.join(args.run_dir, "log.jsonl"), st["step"])
+    return st["step"]
+
+
 def train(args, on_step=None):
     """Runs (or resumes) training; returns the list of losses of the steps run in this call."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(args)
+    rank, world, device = common.setup_distributed(args.device, args.batch_size)
     os.makedirs(args.run_dir, exist_ok=True)
     state_path = os.path.join(args.run_dir, "state.pt")
     x_all, y_all = data.load("train", args.data_dir)
@@ -134,33 +147,7 @@ def train(args, on_step=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0)
     gen = torch.Generator().manual_seed(args.seed)  # every random draw of training
     diffusion = Diffusion.make()
-    step = 0
-
-    if args.resume:
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"--resume: no training state at {state_path}")
-        st = common.load_file(state_path, "training state")
-        old = st["args"]
-        clash = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in FIXED
-                 if old.get(k) != getattr(args, k)]
-        if clash:
-            raise ValueError(f"--resume: {state_path} was trained with {', '.join(clash)}; resume "
-                             f"with the same "
-                             "values or start a new --run-dir")
-        dit.load_state_dict_checked(model, st["model"], state_path)
-        dit.load_state_dict_checked(ema, st["ema"], state_path)
-        opt.load_state_dict(st["opt"])
-        # important! the optimizer state carries the old lr: apply the new one
-        for g in opt.param_groups:
-            g["lr"] = args.lr
-        step = st["step"]
-        gen.set_state(st["data_rng"])
-        changed = [k for k in ("lr", "ema_decay", "iters") if old.get(k) != getattr(args, k)]
-        if changed and rank == 0:
-            print("resuming with " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (was "
-                                               f"{old.get(k)})"
-                                               for k in changed), file=sys.stderr)
-        trim_log(os.path.join(args.run_dir, "log.jsonl"), step)
+    step = resume(args, state_path, model, ema, opt, gen, rank) if args.resume else 0
 
     def checkpoint():
         if rank == 0:
@@ -189,8 +176,7 @@ def train(args, on_step=None):
             loss = diffusion.loss(net, x, y, t, noise)
         if not torch.isfinite(loss):
             raise ValueError(f"step {step}: the loss is {loss.item()}; stopped, the last state in "
-                             f"{args.run_dir} is "
-                             "kept (try a lower --lr, or no --bf16)")
+                             f"{args.run_dir} is kept (try a lower --lr, or no --bf16)")
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients: the global batch's mean, as one process
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

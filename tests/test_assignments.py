@@ -110,7 +110,7 @@ def test_every_exercise_stores_two_or_more_wrong_answers_that_differ_from_the_re
 
 
 def test_check_catches_each_wrong_answer_of_an_exercise():
-    r = run_script("assignments.py", "--check", "--only", CHEAP)
+    r = run_script("assignments.py", "--check", "--only", CHEAP, timeout=900)  # 72 tests + 3
     assert r.returncode == 0, r.stdout + r.stderr
     n = len(assignments.load_wrong()[CHEAP])
     assert r.stdout.count("caught by ") == n and "FAILS" not in r.stdout and "NOT CAUGHT" not in r.stdout

@@ -62,7 +62,7 @@ def test_ditas_folding_equals_online_smoothing():
               lin in quant.quant_layers(fp)}
     calibrate.fold_ditas(folded, scales)
     online = copy.deepcopy(fp)
-    recipe = {"scales": scales}
+    recipe = quant.Recipe("online", scales=scales)
     quant.quantize_model(online, recipe)  # divides by s online in every layer
     quant.quantize_model(folded, recipe)
     for name, _, _, q in quant.quant_layers(folded):
@@ -98,7 +98,7 @@ def test_quantized_checkpoint_round_trip(tmp_path, tiny_ckpt):
                     "--calib-n", "2",
                     "--calib-steps", "2", "--lora-rank", "4", "--lora-iters", "2", "--out", path])
     m, cfg, recipe = calibrate.load_quantized(path)
-    assert recipe["method"] == "ditas" and recipe["wq"].bits == 4 and recipe["aq"].bits == 8
+    assert recipe.method == "ditas" and recipe.wq.bits == 4 and recipe.aq.bits == 8
     ref = torch.load(path, weights_only=True)["model"]
     assert all(torch.equal(v, ref[k]) for k, v in m.state_dict().items())
     with pytest.raises(ValueError, match="already-quantized"):
@@ -153,7 +153,7 @@ def test_static_per_timestep_recipe_round_trip(tmp_path, tiny_ckpt):
                     "--static-act", "5",
                     "--calib-n", "2", "--calib-steps", "5", "--out", path])
     m, _, recipe = calibrate.load_quantized(path)
-    assert recipe["aq"].dynamic is False and recipe["aq"].buckets == 5
+    assert recipe.aq.dynamic is False and recipe.aq.buckets == 5
     q = m.blocks[0].attn.qkv
     saved = torch.load(path, weights_only=True)["model"]["blocks.0.attn.qkv.a_scale"]
     assert torch.equal(q.a_scale, saved) and (saved > 0).all()
@@ -168,3 +168,12 @@ def test_lesson_hadanorm_raises_the_activation_sqnr():
     rows = [[float(v) for v in l.split()[1:]] for l in out.splitlines() if l.startswith("blocks.")]
     assert len(rows) == 24
     assert sum(r[1] for r in rows) > sum(r[0] for r in rows) + 24  # > 1 dB better on average
+
+
+def test_mixed_precision_budget_is_parsed_and_checked():
+    assert calibrate.parse_method("hadanorm") == ("hadanorm", None)
+    assert calibrate.parse_method("hadanorm+a8") == ("hadanorm", 0.1)
+    assert calibrate.parse_method("svdquant-hadanorm+a8:0.25") == ("svdquant-hadanorm", 0.25)
+    for bad in ("hadanorm+a8:0", "hadanorm+a8:1.5", "hadanorm+a8:x", "hadanorm+a8x", "gptq+a8"):
+        with pytest.raises(ValueError, match="unknown method"):
+            calibrate.parse_method(bad)

@@ -66,3 +66,18 @@ def test_two_process_torchrun_scores_like_one_process(tiny_ckpt):
         assert r.returncode == 0, r.stderr[-2000:]
         rows[name] = [line for line in r.stdout.splitlines() if line.startswith("| DiT-T/4")]
     assert len(rows["one"]) == 1 and rows["one"] == rows["two"]  # same samples, same metrics
+
+
+def test_budget_plot_takes_the_method_and_its_a8_rows_only(tmp_path):
+    head = "| model | path | CFG | n | FD ↓ (± s.e.) | acc |\n|---|---|---|---|---|---|\n"
+    rows = [("FP32", "94.00 ± 4.95"), ("W4A4 hadanorm+a8:0.2 (b.pt)", "98.00 ± 4.00"),
+            ("W4A4 hadanorm (a.pt)", "110.00 ± 4.00"), ("W4A3 hadanorm (c.pt)", "180.00 ± 4.00"),
+            ("W4A4 hadanorm+a8", "101.00 ± 4.00"), ("W4A4 svdquant (d.pt)", "120.00 ± 4.00")]
+    t = tmp_path / "t.md"
+    t.write_text(head + "".join(f"| {n} | integer | 4 | 1000 | {fd} | 90 |\n" for n, fd in rows))
+    pts = evaluate.plot_budget([str(t)], str(tmp_path / "p.png"))
+    assert [(b, fd) for b, fd, _, _ in pts] == [(0.0, 110.0), (0.1, 101.0), (0.2, 98.0)]
+    assert (tmp_path / "p.png").stat().st_size > 1000
+    t.write_text(head + "| W4A4 hadanorm (a.pt) | integer | 4 | 1000 | 110.00 ± 4.00 | 90 |\n")
+    with pytest.raises(ValueError, match="no FP row"):
+        evaluate.plot_budget([str(t)], str(tmp_path / "q.png"))

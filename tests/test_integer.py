@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import dit
+import hadamard
 import integer
 import quant
 from quant import QConfig, QuantLinear
@@ -16,7 +17,7 @@ from test_kernels import KERNEL, assert_codes_match_up_to_ties
 def sim_codes(q, x):
     """The simulated layer's activation codes and unrounded values x̃ / step, (M, K) each."""
     xt, _ = q.transform_input(x)
-    step = q.static_scale(xt) if (q.a_scale is not None or q.a_clip is not None) else \
+    step = q.act_step(xt) if (q.a_scale is not None or q.a_clip is not None) else \
         quant.quant_params(xt, q.aq)[0]
     v = xt / step
     lo, hi = quant.levels(q.aq)
@@ -53,7 +54,7 @@ def check_integer_layer(q, x, kernel, gemm="auto"):
     # what these codes must give, in float64: the integer GEMM leaves nothing but the scales to
     # round
     R = iq.w_codes.double() if not iq.single else \
-        quant.hadamard.transform(codes.double(), block=iq.block, signs=iq.signs) * (iq.block or K) ** 0.5
+        hadamard.transform(codes.double(), block=iq.block, signs=iq.signs) * (iq.block or K) ** 0.5
     Rw = R[:N] if iq.dup16 or iq.single else R
     acc = q_int[:, :K].double() @ Rw.T
     ref = (acc * st.double() * iq.w_scale_eff.double()).view(-1, tokens, N)
@@ -70,17 +71,18 @@ def check_integer_layer(q, x, kernel, gemm="auto"):
 @pytest.mark.parametrize("kernel,gemm", [(False, "int_mm"), (True, "int_mm"), (True, "onednn")])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 8), (4, 4)])
 @pytest.mark.parametrize("kw",
-                         [dict(), dict(rotate=True), dict(rotate=True, center="dynamic", scale="s"),
-                                dict(rotate=True, center="static", signs="r")])
+                         [dict(), dict(hadamard="double"),
+                          dict(hadamard="double", center="dynamic", channel_scale="s"),
+                          dict(hadamard="double", center="static", signs="r")])
 def test_integer_layer_equals_simulation(bits, kw, kernel, gemm):
     torch.manual_seed(0)
     lin = nn.Linear(192, 96)
     x = torch.randn(2, 16, 192) + torch.randn(192)
     kw = dict(kw)
-    if kw.get("scale") == "s":
-        kw["scale"] = torch.rand(192) + 0.5
+    if kw.get("channel_scale") == "s":
+        kw["channel_scale"] = torch.rand(192) + 0.5
     if kw.get("signs") == "r":
-        kw["signs"] = quant.hadamard.random_signs(192, 3)
+        kw["signs"] = hadamard.random_signs(192, 3)
     if kw.get("center") == "static":
         kw["static_mean"] = torch.randn(192)
     with torch.no_grad():
@@ -98,7 +100,8 @@ def test_integer_layer_multiplies_int8_codes_with_int_mm(monkeypatch):
         return real(a, b)
     monkeypatch.setattr(torch, "_int_mm", spy)
     torch.manual_seed(0)
-    q = integer.IntLinear(QuantLinear(nn.Linear(192, 96), QConfig(4), QConfig(4), rotate=True, center="dynamic"), "int_mm")
+    q = integer.IntLinear(QuantLinear(nn.Linear(192, 96), QConfig(4), QConfig(4), hadamard="double",
+                                      center="dynamic"), "int_mm")
     with torch.no_grad():
         q(torch.randn(2, 16, 192))
     assert calls == [(torch.int8, torch.int8, (32, 192), (192, 96))]
@@ -120,7 +123,7 @@ def test_static_per_timestep_scales_follow_each_samples_timestep(kernel):
     for p in m.parameters():
         p.data.normal_(0, 0.05)
     aq = QConfig(8, granularity="tensor", dynamic=False, buckets=4)
-    quant.quantize_model(m, {"wq": QConfig(8), "aq": aq, "rotate": True})
+    quant.quantize_model(m, quant.Recipe("static", QConfig(8), aq, hadamard="double"))
     calibrate.calibrate_static(m, n=2, steps=8)
     q = m.blocks[0].mlp.fc2
     assert q.a_scale.shape == (4,) and (q.a_scale > 0).all() and q.a_scale.unique().numel() > 1
@@ -146,7 +149,7 @@ def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits, ker
     torch.manual_seed(0)
     lin = nn.Linear(192, 96)
     x = torch.randn(2, 16, 192) + torch.randn(192)
-    q = QuantLinear(lin, QConfig(4, range="mse"), QConfig(abits), rotate=True, single=True,
+    q = QuantLinear(lin, QConfig(4, range="mse"), QConfig(abits), hadamard="single",
                     block=block)
     torch.testing.assert_close(q.weight, lin.weight)  # the weight is NOT rotated
     q.quantize_enabled = False
@@ -156,7 +159,7 @@ def test_single_hadamard_is_exact_and_its_integer_form_matches(block, abits, ker
         iq = check_integer_layer(q, x, kernel)
     codes = quant.unpack_int4(iq.w_int).double()
     # exact integers
-    R = (quant.hadamard.transform(codes, block=block) * (block or 192) ** 0.5).round().long()
+    R = (hadamard.transform(codes, block=block) * (block or 192) ** 0.5).round().long()
     D = iq.w_codes.long()
     if abits <= 4:  # one GEMM of width 2K: R = d0 + 16 d1
         assert iq.dup16 and D.shape == (96, 384)
@@ -172,9 +175,9 @@ def test_single_matmul_is_exact_in_int32_and_where_int32_could_overflow(k, abits
     lin = nn.Linear(k, 8)
     # a constant row: H concentrates it into one entry of 7·K, the largest |R| can be
     lin.weight.data[0] = 0.1
-    q = integer.to_integer(QuantLinear(lin, QConfig(4), QConfig(abits), rotate=True, single=True))
+    q = integer.to_integer(QuantLinear(lin, QConfig(4), QConfig(abits), hadamard="single"))
     codes = quant.unpack_int4(q.w_int).double()
-    R = (quant.hadamard.transform(codes) * k ** 0.5).round().long()  # (8, K)
+    R = (hadamard.transform(codes) * k ** 0.5).round().long()  # (8, K)
     lo = -(2 ** (abits - 1))
     xq = torch.randint(lo, -lo, (5, k), dtype=torch.int8)
     xq[0] = torch.where(R[0] >= 0, -lo - 1, lo).to(torch.int8)  # near the worst case for row 0
@@ -189,8 +192,8 @@ def test_xl_width_hadanorm_integer_path_equals_simulation(k, n):
     torch.manual_seed(0)
     lin = nn.Linear(k, n)
     x = torch.randn(2, 8, k) + torch.randn(k)
-    q = QuantLinear(lin, QConfig(4), QConfig(4), center="dynamic", scale=torch.rand(k) + 0.5,
-                    rotate=True)
+    q = QuantLinear(lin, QConfig(4), QConfig(4), center="dynamic", channel_scale=torch.rand(k) + 0.5,
+                    hadamard="double")
     with torch.no_grad():
         check_integer_layer(q, x, KERNEL)
 

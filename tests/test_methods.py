@@ -42,7 +42,7 @@ def test_ditas_alpha_search_finds_the_known_best_alpha():
     wq_w = quant.fake_quant(lin.weight.detach(), QConfig(4))
     err_at = lambda a: calibrate.layer_mse(lin,
                                            dict(wq=QConfig(4), aq=QConfig(4),
-                                                scale=calibrate.smooth_scale(
+                                                channel_scale=calibrate.smooth_scale(
         x.abs().amax(0), wq_w, a)), x, lin(x))
     assert err <= min(err_at(a) for a in (0.0, 0.5, 0.9, 1.0)) + 1e-9
     assert err < 0.1 * err_at(0.5), (err, err_at(0.5))  # measured: 0.017 against 0.54 at α = 0.5

@@ -129,10 +129,10 @@ def test_hadanorm_init_with_token_clip_starts_at_ptq_hadanorm(teacher):
     fp, _ = dit.load_checkpoint(teacher)
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([40, 700]), torch.tensor([1, 2])
     ptq_model = dit.load_checkpoint(teacher)[0]
-    ptq = calibrate.quantize_fp(ptq_model, "hadanorm", 4, 4, calib_n=2, calib_steps=4, seed=0)
+    ptq, _ = calibrate.quantize_fp(ptq_model, "hadanorm", 4, 4, calib_n=2, calib_steps=4, seed=0)
     double, rec = qat.prepare(fp, 4, 4, "double", calib_n=2, calib_steps=4)
-    assert rec["center"] == "dynamic" and all(torch.equal(ptq["scales"][k], v) for k,
-                                              v in rec["scales"].items())
+    assert rec.center == "dynamic" and all(torch.equal(ptq.scales[k], v)
+                                           for k, v in rec.scales.items())
     with torch.no_grad():
         torch.testing.assert_close(double(x, t, y), ptq_model(x, t, y))
 
@@ -159,7 +159,7 @@ def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode, 
     out = str(tmp_path / f"{mode}.pt")
     qat.export(model, recipe, cfg, out, {})
     loaded, _, rec = calibrate.load_quantized(out)
-    assert rec["method"] == f"hqdm-{mode}" and rec.get("integer")
+    assert rec.method == f"hqdm-{mode}" and rec.integer
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([40, 700]), torch.tensor([1, 2])
     with torch.no_grad():
         sim, out_int = model(x, t, y), loaded(x, t, y)

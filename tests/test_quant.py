@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import dit
+import hadamard
 import quant
 from quant import QConfig, QuantLinear
 
@@ -61,11 +62,11 @@ def test_bad_bit_width():
         QConfig(1)
 
 
-TRANSFORMS = [dict(), dict(rotate=True), dict(rotate=True, center="dynamic"),
+TRANSFORMS = [dict(), dict(hadamard="double"), dict(hadamard="double", center="dynamic"),
               dict(center="dynamic"),
-              dict(scale="s"), dict(scale="s", rotate=True, center="dynamic"),
-                  dict(rotate=True, block=64),
-              dict(rotate=True, signs="r"), dict(center="static")]
+              dict(channel_scale="s"), dict(channel_scale="s", hadamard="double", center="dynamic"),
+              dict(hadamard="double", block=64), dict(hadamard="double", signs="r"),
+              dict(center="static")]
 
 
 @pytest.mark.parametrize("kw", TRANSFORMS)
@@ -74,10 +75,10 @@ def test_transform_is_exact_with_quantization_off(kw):
     lin = nn.Linear(192, 96)
     x = torch.randn(2, 16, 192) + 2 * torch.randn(192)
     kw = dict(kw)
-    if kw.get("scale") == "s":
-        kw["scale"] = torch.rand(192) + 0.5
+    if kw.get("channel_scale") == "s":
+        kw["channel_scale"] = torch.rand(192) + 0.5
     if kw.get("signs") == "r":
-        kw["signs"] = quant.hadamard.random_signs(192, 3)
+        kw["signs"] = hadamard.random_signs(192, 3)
     if kw.get("center") == "static":
         kw["static_mean"] = torch.randn(192)
     q = QuantLinear(lin, QConfig(4), QConfig(4), **kw)
@@ -89,19 +90,19 @@ def test_hadanorm_mean_term_uses_the_quantized_weight():
     torch.manual_seed(0)
     lin = nn.Linear(192, 64)
     x = torch.randn(2, 8, 192)
-    q = QuantLinear(lin, QConfig(4), None, center="dynamic", rotate=True)
+    q = QuantLinear(lin, QConfig(4), None, center="dynamic", hadamard="double")
     xt, mu = q.transform_input(x)
     torch.testing.assert_close(q(x), (xt + mu) @ q.qweight().T + lin.bias, atol=1e-5, rtol=1e-5)
 
 
 def test_quantize_model_swaps_the_four_layers_and_refuses_twice():
     m = dit.build(dit.TINY, depth=2)
-    quant.quantize_model(m, {"wq": QConfig(4), "aq": QConfig(4), "rotate": True})
+    quant.quantize_model(m, quant.Recipe("hadamard", QConfig(4), QConfig(4), hadamard="double"))
     qs = [n for n, mod in m.named_modules() if isinstance(mod, QuantLinear)]
     assert qs == [f"blocks.{i}.{p}" for i in range(2) for p in quant.QUANT_LAYERS]
     assert isinstance(m.blocks[0].adaLN_modulation[1], nn.Linear)  # kept in float
     with pytest.raises(ValueError, match="already quantized"):
-        quant.quantize_model(m, {})
+        quant.quantize_model(m, quant.Recipe("rtn"))
 
 
 def test_quantized_tiny_model_with_quantization_off_equals_fp():
@@ -112,9 +113,8 @@ def test_quantized_tiny_model_with_quantization_off_equals_fp():
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([3, 700]), torch.tensor([1, 4])
     with torch.no_grad():
         ref = m(x, t, y)
-        quant.quantize_model(m,
-                             {"wq": QConfig(4), "aq": QConfig(4), "rotate": True,
-                              "center": "dynamic"})
+        quant.quantize_model(m, quant.Recipe("hadanorm", QConfig(4), QConfig(4), center="dynamic",
+                                             hadamard="double"))
         quant.set_quantization(m, False)
         torch.testing.assert_close(m(x, t, y), ref, atol=1e-5, rtol=1e-4)
         quant.set_quantization(m, True)
@@ -143,9 +143,13 @@ def test_static_activations_must_be_symmetric_per_tensor():
         QConfig(4, granularity="row", dynamic=False)
 
 
-def test_single_needs_rotate():
-    with pytest.raises(ValueError, match="single"):
-        QuantLinear(nn.Linear(8, 8), single=True)
+def test_unknown_transform_names_are_refused():
+    with pytest.raises(ValueError, match="unknown hadamard"):
+        QuantLinear(nn.Linear(8, 8), hadamard="singel")
+    with pytest.raises(ValueError, match="center"):
+        quant.Recipe("x", center="mean")
+    with pytest.raises(TypeError, match="Recipe"):
+        quant.quantize_model(dit.build(dit.TINY, depth=1), {"wq": QConfig(4)})
 
 
 def test_lesson_sqnr_on_real_activations_grows_with_bits_and_finer_scales():
@@ -160,3 +164,15 @@ def test_lesson_sqnr_on_real_activations_grows_with_bits_and_finer_scales():
     for g in ("per tensor", "per token", "per group of 32"):
         assert all(a > b > c for a, b, c in zip(rows[(8, g)], rows[(4, g)], rows[(3, g)]))
     assert all(t > s for t, s in zip(rows[(4, "per token")], rows[(4, "per tensor")]))
+
+
+def test_recipe_round_trips_and_reads_the_older_rotate_single_keys():
+    r = quant.Recipe("hqdm-single", QConfig(4, range="mse"), QConfig(4, clip=True, buckets=10),
+                     center="dynamic", hadamard="single", layer_abits={"blocks.0.mlp.fc2": 8})
+    assert quant.Recipe.from_dict(r.to_dict()) == r
+    old = dict(r.to_dict(), rotate=True, single=True)
+    del old["hadamard"]
+    assert quant.Recipe.from_dict(old).hadamard == "single"
+    assert quant.Recipe.from_dict(dict(old, single=False)).hadamard == "double"
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        quant.Recipe.from_dict(dict(r.to_dict(), smoothing=0.5))

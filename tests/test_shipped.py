@@ -44,10 +44,10 @@ def test_every_shipped_quantized_checkpoint_has_a_floor():
 def test_shipped_checkpoint_loads_and_samples_near_fp(name, fp_images):
     path = os.path.join(ROOT, "checkpoints", name)
     model, cfg, recipe = calibrate.load_quantized(path)  # asserts every key and shape
-    assert cfg["model"] == dit.TINY and recipe.get("integer")
+    assert cfg["model"] == dit.TINY and recipe.integer
     assert sample.made_from(path, os.path.join(ROOT, dit.DEFAULT_CKPT))
     bits, method = name[len("dit_t4_"):-3].split("_", 1)
-    assert f"w{recipe['wq'].bits}a{recipe['aq'].bits}" == bits and recipe["method"].startswith(method)
+    assert f"w{recipe.wq.bits}a{recipe.aq.bits}" == bits and recipe.method.startswith(method)
     for c, floor in zip((4.0, 1.5), FLOOR[name]):
         got = sample.psnr(sample.generate(model, torch.arange(10), steps=10, cfg_scale=c, seed=0),
                           fp_images[c])
