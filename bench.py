@@ -192,13 +192,16 @@ def xl_forward(device, repeats, compile=True):
     return out
 
 
-def tiny_models(device, quick):
+def tiny_models(device, quick, qckpts=()):
     """(name, model) to sample: the FP model eager (sample.py's default) and compiled, bf16
     compiled, and the shipped or calibrated quantized models, compiled as `sample.py` runs them."""
     if not os.path.exists(dit.DEFAULT_CKPT):
         return [("fp32 eager (random weights)", dit.build(dit.TINY).to(device).eval())]
     fp = lambda: dit.load_checkpoint(dit.DEFAULT_CKPT)[0].to(device)
     out = [("fp32 eager", fp())]
+    if qckpts:  # these quantized checkpoints, on the integer path
+        return out + [(f"{os.path.basename(p)} (integer)",
+                       integer.to_integer(calibrate.load_quantized(p)[0]).to(device)) for p in qckpts]
     if quick:
         m = fp()
         calibrate.quantize_fp(m, "hadanorm", 4, 4, calib_n=2, calib_steps=3)
@@ -213,13 +216,13 @@ def tiny_models(device, quick):
     return out
 
 
-def tiny_sampling(device, n, steps, rounds, quick, compile=True):
+def tiny_sampling(device, n, steps, rounds, quick, compile=True, qckpts=()):
     """Each model samples n images (DDIM, CFG 4.0) `rounds` times, interleaved -> [(name, compile s,
     median s, user s, system s)]: CPU time per run from getrusage, so page faults show as system
     time."""
     labels = class_labels(n, list(range(10)))
     runs = []
-    for name, m in tiny_models(device, quick):
+    for name, m in tiny_models(device, quick, qckpts):
         how = sample.accelerate(m,
                                 "on" if compile and ("compiled" in name or "integer" in name) else "off")
         bf16 = next(m.parameters()).dtype == torch.bfloat16
@@ -263,9 +266,7 @@ def profile(path, device, batch=160, top=12):
 
 def main(argv=None):
     ap = common.Parser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused "
-                                   "kernels) "
-                                             "against fp32 / bf16 peers, per layer and end to end, "
-                                             "side by side.")
+                       "kernels) against fp32 / bf16 peers, per layer and end to end, side by side.")
     ap.add_argument("--quick", action="store_true",
                     help="one small shape, no compile rows, tiny sampling (< 1 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -279,9 +280,11 @@ def main(argv=None):
     ap.add_argument("--xl-m", nargs="+", type=common.POSITIVE, default=[1024, 4096],
                     help="token counts M of the DiT-XL/2 layer tables")
     ap.add_argument("--profile", metavar="QCKPT", default=None, help="only: where one eager "
-                                                                     "forward of this "
-                    "quantized checkpoint spends its time (torch.profiler, the sampling batch of 2 "
-                    "x 80 images)")
+                    "forward of this quantized checkpoint spends its time (torch.profiler, the "
+                    "sampling batch of 2 x 80 images)")
+    ap.add_argument("--qckpt", nargs="+", default=[], help="the sampling rows time these "
+                    "quantized checkpoints (integer path) against fp32 eager, instead of the "
+                    "shipped ones")
     args = ap.parse_args(argv)
     common.check_device(args.device)
     if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
@@ -310,7 +313,8 @@ def main(argv=None):
     if not args.quick and "sampling" not in args.parts:
         return
     n, steps = (2, 3) if args.quick else (80, 50)
-    rows = tiny_sampling(dev, n, steps, 1 if args.quick else args.rounds, args.quick, compile)
+    rows = tiny_sampling(dev, n, steps, 1 if args.quick else args.rounds, args.quick, compile,
+                         args.qckpt)
     print(f"\n**Tiny model sampling as `sample.py` runs it: {n} images, DDIM {steps}, CFG 4.0 "
           f"({1 if args.quick else args.rounds} interleaved rounds, medians)**\n")
     print("| model | compile s | sampling s | × fp32 eager | CPU user s | CPU system s "

@@ -222,6 +222,7 @@ def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
     for p in qckpts:
         def load(p=p):
             model = calibrate.load_quantized(p)[0]
+            integer.to_integer(model)  # a file calibrate.py wrote holds the simulated form
             sample.accelerate(model, compile)
             return model, None
         rec = calibrate.load_quantized(p)[2]

@@ -329,7 +329,7 @@ def to_integer(obj, gemm="auto"):
         if isinstance(q, quant.QuantLinear):
             setattr(parent, attr, IntLinear(q, gemm))
     for blk in obj.blocks:
-        if IntMlp.fusable(blk.mlp.fc1, blk.mlp.fc2):
+        if not isinstance(blk.mlp, IntMlp) and IntMlp.fusable(blk.mlp.fc1, blk.mlp.fc2):
             blk.mlp = IntMlp(blk.mlp.fc1, blk.mlp.fc2)
     quant.attach_timestep_hook(obj)
     return obj

@@ -4,6 +4,7 @@
     python sample.py --classes 0,7 --n 8 --steps 25 --sampler ddpm --seed 1 --out shoes.png
     python sample.py --npz samples.npz        # also the raw uint8 samples, ADM-suite format
 """
+import argparse
 import os
 import sys
 import tempfile
@@ -175,6 +176,14 @@ def parse_classes(text, num_classes):
     return classes
 
 
+def method_name(text):
+    """--method's type: a recipe calibrate.py knows (mixed precision included), or QAT."""
+    try:
+        return text if text == QAT else calibrate.parse_method(text) and text
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def get_args(argv=None):
     ap = common.Parser(description="Sample a labelled grid of Fashion-MNIST garments from the "
                                    "shipped DiT.")
@@ -203,12 +212,11 @@ def get_args(argv=None):
                        help=f"{wb}-bit weights, {ab}-bit activations (default recipe: "
                        + (f"{QAT} where its checkpoint is beside --ckpt, else " if name in BEST_QAT else "")
                        + f"{BEST_METHOD[name]})")
-    ap.add_argument("--method", default=None, choices=calibrate.METHODS + (QAT,),
-                    help=f"PTQ recipe for the bit setting, or {QAT}: the qat.py checkpoint beside "
-                         f"--ckpt")
+    ap.add_argument("--method", default=None, type=method_name,
+                    help=f"PTQ recipe for the bit setting ({', '.join(calibrate.METHODS)}, each "
+                         f"optionally +a8[:SHARE]), or {QAT}: the qat.py checkpoint beside --ckpt")
     ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the "
-                                                  "cached one "
-                    "beside --ckpt (created by calibrating on the first run)")
+                    "cached one beside --ckpt (created by calibrating on the first run)")
     ap.add_argument("--simulate", action="store_true",
                     help="fake-quant float simulation instead of the integer path")
     ap.add_argument("--compare-fp", action="store_true",
@@ -257,7 +265,7 @@ def load_official_model(args):
 def quantized_path(ckpt, setting, method):
     """Where the packed quantized model of `ckpt` is cached: beside it, named by setting and
     recipe."""
-    return f"{ckpt[:-3] if ckpt.endswith('.pt') else ckpt}_{setting}_{method}.pt"
+    return f"{ckpt[:-3] if ckpt.endswith('.pt') else ckpt}_{setting}_{method.replace(':', '-')}.pt"
 
 
 def made_from(path, ckpt):
