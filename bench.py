@@ -200,8 +200,8 @@ def tiny_models(device, quick, qckpts=()):
     fp = lambda: dit.load_checkpoint(dit.DEFAULT_CKPT)[0].to(device)
     out = [("fp32 eager", fp())]
     if qckpts:  # these quantized checkpoints, on the integer path
-        return out + [(f"{os.path.basename(p)} (integer)",
-                       integer.to_integer(calibrate.load_quantized(p)[0]).to(device)) for p in qckpts]
+        load = lambda p: integer.to_integer(calibrate.load_quantized(p)[0]).to(device)
+        return out + [(f"{os.path.basename(p)} (integer)", load(p)) for p in qckpts]
     if quick:
         m = fp()
         calibrate.quantize_fp(m, "hadanorm", 4, 4, calib_n=2, calib_steps=3)

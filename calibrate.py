@@ -65,7 +65,6 @@ def collect_stats(model, n=16, steps=25, cfg_scale=1.5, seed=1234, keep=8, keep_
             stride = max(1, x.shape[1] // keep_tokens)
             st["samples"].append(x[:keep_rows, ::stride][:, :keep_tokens].cpu().clone())
             st["samples_t"].append(torch.full((min(keep_rows, len(x)),), state["t"]))
-
     hook = lambda st: lambda mod, inp: record(st, inp[0].float())
     handles = [lin.register_forward_pre_hook(hook(stats[name])) for name, _, _, lin in layers]
     diffusion, device = Diffusion.make(steps=steps), next(model.parameters()).device
@@ -224,8 +223,8 @@ def calibrate_static(model, n=8, steps=25, cfg_scale=1.5, seed=1234):
         q.quantize_enabled = False
     device = next(model.parameters()).device
     labels = class_labels(n, list(range(model.num_classes))).to(device)
-    Diffusion.make(steps=steps).sample(guided(model, labels, cfg_scale),
-                                       make_noise(n, model, seed).to(device), clip=model.in_channels != 4)
+    Diffusion.make(steps=steps).sample(guided(model, labels, cfg_scale), make_noise(n, model, seed)
+                                       .to(device), clip=model.in_channels != 4)
     for h in hooks:
         h.remove()
     for q in qs:
@@ -341,8 +340,9 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
     block = len(model.blocks) // 2 if block is None else block
     lins = {n: lin for n, _, _, lin in quant.quant_layers(model)}
     names = [f"blocks.{block}.mlp.fc1", f"blocks.{block}.mlp.fc2"]
-    cols = [("raw", {}, None), ("SmoothQuant", {}, "absmax"), ("Hadamard", {"hadamard": "double"}, None),
-            ("HadaNorm", {"hadamard": "double", "center": "dynamic"}, "cabsmax")]
+    rot = {"hadamard": "double"}
+    cols = [("raw", {}, None), ("SmoothQuant", {}, "absmax"), ("Hadamard", rot, None),
+            ("HadaNorm", dict(rot, center="dynamic"), "cabsmax")]
     W, H, pad = 300, 240, 28
     img = Image.new("RGB", (pad + len(cols) * (W + pad), pad + len(names) * (H + pad) + 10), "white")
     d, font = ImageDraw.Draw(img), ImageFont.load_default()

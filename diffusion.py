@@ -216,8 +216,9 @@ def record_inputs(model, names, n=8, steps=10, cfg_scale=1.5, seed=0):
     -> {name: (tokens, K)}."""
     acts = {}
 
-    def keep(name):
-        return lambda mod, inp: acts.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1]))
+    def keep(name):  # a pre-hook that stores the input as (tokens, K)
+        return lambda mod, inp: acts.setdefault(name, []).append(
+            inp[0].reshape(-1, inp[0].shape[-1]))
     hooks = [model.get_submodule(name).register_forward_pre_hook(keep(name)) for name in names]
     try:
         y = class_labels(n, list(range(model.num_classes)))

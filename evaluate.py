@@ -276,7 +276,9 @@ def plot_budget(tables, path):
             for line in open(t, encoding="utf-8") if line.startswith("| ") and "±" in line]
     fd = lambda r: [float(v) for v in r[4].split("±")]
     fp = [fd(r) for r in rows if r[0] == "FP32"]
-    key = lambda r: ((r[0] + " -").split()[0], (r[0] + " -").split()[1].split(calibrate.A8_SUFFIX)[0])
+    def key(r):  # (bit setting, base method) of a row; ("FP32", "-") for FP
+        bits, method = (r[0] + " -").split()[:2]
+        return bits, method.split(calibrate.A8_SUFFIX)[0]
     keys = {key(r) for r in rows if calibrate.A8_SUFFIX in r[0]}
     pts, seen = [], set()
     for r in rows:

@@ -178,10 +178,12 @@ def parse_classes(text, num_classes):
 
 def method_name(text):
     """--method's type: a recipe calibrate.py knows (mixed precision included), or QAT."""
-    try:
-        return text if text == QAT else calibrate.parse_method(text) and text
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+    if text != QAT:
+        try:
+            calibrate.parse_method(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{e}; or {QAT}") from None
+    return text
 
 
 def get_args(argv=None):
