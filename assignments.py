@@ -34,7 +34,6 @@ import tempfile
 import xml.etree.ElementTree as ET
 
 import common
-import dit
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 MAP_FILE = os.path.join("tests", "exercises.json")

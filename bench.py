@@ -3,18 +3,26 @@ benchmark, not a test: ratios within one run are what to compare (machines diffe
 one machine).
 
 Per layer y = x Wᵀ (M tokens, K in, N out): fp32 and bf16 F.linear (eager, and bf16 compiled: the
-strongest float peer); the int8 bound (the fastest exact int8 GEMM on ready operands, `_int_mm` or
-oneDNN's int8 linear, no quantization around it); our IntLinear at W8A8, W4A4 HadaNorm and W4A4
-HQ-DM (single Hadamard), eager and compiled, everything included (transform, quantization, GEMM,
-dequantization, mean term); W4A16 through torch's int4 weight-only kernel. End to end: a DiT-XL/2
-forward on random weights, and the tiny model sampling as `sample.py` runs it, every model
+strongest float peer); the int8 bound (`torch._int_mm` on ready operands, no quantization around
+it) beside oneDNN's u8 x s8 int8 linear (VNNI's native form, which IntLinear would need a zero-point
+correction to use); our IntLinear at W8A8, W4A4 HadaNorm, W4A4 HQ-DM (single Hadamard) and
+SVDQuant-HadaNorm, eager and compiled, everything included (transform, quantization, GEMM,
+dequantization, mean term, branch); W4A16 through torch's int4 weight-only kernel. End to end: a
+DiT-XL/2 forward on random weights, and the tiny model sampling as `sample.py` runs it, every model
 interleaved over rounds, with user and system CPU time.
 
     python bench.py --quick          # < 1 min smoke run
     python bench.py                  # the tables in docs/speed.md (~15 min on 2 cores)
     python bench.py --device cuda    # the same on a GPU
 """
+import copy
 import os
+import sys
+
+# as sample.py: keep freed memory in the process (glibc reads this only at start-up)
+if __name__ == "__main__" and sys.platform.startswith("linux") and "MALLOC_MMAP_MAX_" not in os.environ:
+    import sample  # its MALLOC_ENV (sample's own re-start runs only as a script)
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **sample.MALLOC_ENV})
 import platform
 import resource
 import statistics
@@ -28,7 +36,6 @@ import common
 import calibrate
 import dit
 import integer
-import kernels
 import quant
 import sample
 from diffusion import class_labels
@@ -85,17 +92,12 @@ def int4_weight_only(w, device, group=32):
     return lambda x: torch._weight_int4pack_mm(x, packed, group, sz.to(device))
 
 
-def compiled(f, x, owner=None):
-    """torch.compile(f), compiled on x -> (callable, seconds spent compiling). Inductor lowers
-    oneDNN's int8 linear only on frozen (constant) weights, as sample.py compiles it."""
+def compiled(f, x):
+    """torch.compile(f), compiled on x -> (callable, seconds spent compiling)."""
     t0 = time.time()
-    owner = owner if owner is not None else f
-    mods = owner.modules() if isinstance(owner, nn.Module) else ()
-    onednn = any(getattr(m, "gemm", None) == "onednn" for m in mods)
     torch._dynamo.reset()  # every row its own compile: no shared recompile limit, no stale graphs
-    with torch._inductor.config.patch(freezing=onednn):
-        c = torch.compile(f)
-        c(x)
+    c = torch.compile(f)
+    c(x)
     return c, time.time() - t0
 
 
@@ -117,18 +119,20 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
         rows.append(("bf16 F.linear, compiled", timeit(lambda: c(xb), device, repeats), 2 * N * K,
                      2 * N * K))
     qi = torch.randint(-8, 8, (x.shape[0] * x.shape[1], K), dtype=torch.int8, device=device)
-    wi = torch.randint(-8, 8, (N, K), dtype=torch.int8)
-    bound = []
-    for backend in integer.GEMMS if device == "cpu" else ("int_mm",):
+    wi = torch.randint(-8, 8, (K, N), dtype=torch.int8, device=device)
+    rows.append(("int8 GEMM alone (_int_mm; the bound)",
+                 timeit(lambda: torch._int_mm(qi, wi), device, repeats), N * K, N * K))
+    if device == "cpu":  # VNNI multiplies u8 x s8: oneDNN's int8 linear on codes + 128
         try:
-            op = integer.prepare_weight(wi, backend) if backend != "int_mm" else wi.to(device).t()
-            a = qi if backend == "int_mm" else (qi.to(torch.int16) + 128).to(torch.uint8)
-            bound.append((timeit(lambda: integer.int_gemm(a, op, backend, N), device, repeats),
-                          backend))
-        except (RuntimeError, NotImplementedError):
-            continue
-    t, backend = min(bound)
-    rows.append((f"int8 GEMM alone ({backend}; the bound)", t, N * K, N * K))
+            packed = torch.ops.onednn.qlinear_prepack(wi.t().contiguous(), None)
+            qu, ones = (qi.to(torch.int16) + 128).to(torch.uint8), torch.ones(N)
+            zeros = torch.zeros(N, dtype=torch.int64)
+            f = lambda: torch.ops.onednn.qlinear_pointwise(qu, 1.0, 128, packed, ones, zeros, None,
+                                                           1.0, 0, torch.float32, "none", [], "")
+            rows.append(("int8 GEMM alone (oneDNN u8 x s8 linear)", timeit(f, device, repeats),
+                         N * K, N * K))
+        except (RuntimeError, NotImplementedError):  # not built into this torch
+            pass
     for name, wbits, abits, kw in VARIANTS:
         kw = dict(kw, channel_scale=torch.rand(K, generator=g) + 0.5) if "channel_scale" in kw else kw
         rank = kw.pop("lowrank", 0)
@@ -136,7 +140,7 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
         if rank:
             calibrate.lowrank_branch(q, rank)  # the float rank-r branch beside the 4-bit residual
         q = integer.to_integer(q).to(device)
-        stored, resident = q.w_int.numel() + 4 * N, q.w_codes.numel() + 4 * N
+        stored, resident = q.w_int.numel() + 4 * N, q.w_t.numel() + 4 * N
         rows.append((name, timeit(lambda: q(x), device, repeats), stored, resident))
         if compile:
             c, sec = compiled(q, x)
@@ -155,7 +159,7 @@ def layer_rows(M, K, N, device, repeats, compile=True, tokens=256):
 def print_layer_table(M, K, N, rows):
     t32, tbf = rows[0][1], rows[1][1]
     tbc = next((t for n, t, *_ in rows if n.startswith("bf16 F.linear, compiled")), float("nan"))
-    bound = next(t for n, t, *_ in rows if n.startswith("int8 GEMM alone"))
+    bound = next(t for n, t, *_ in rows if n.startswith("int8 GEMM alone (_int_mm"))
     print(f"\n**M={M}, K={K}, N={N}**\n")
     print("| kernel | median ms | GFLOP/s | × fp32 | × bf16 | × bf16 compiled | of the int8 bound | "
           "weight bytes stored | resident |")
@@ -168,8 +172,9 @@ def print_layer_table(M, K, N, rows):
 
 @torch.no_grad()
 def xl_forward(device, repeats, compile=True):
-    """DiT-XL/2 forward on random weights, batch 2 x 256 tokens: fp32, bf16, W4A4 HadaNorm
-    integer."""
+    """DiT-XL/2 forward on random weights, batch 2 x 256 tokens: fp32, bf16 eager and compiled,
+    W4A4 HadaNorm integer eager and compiled as sample.py compiles (each block), fp32 and bf16 float
+    parts."""
     torch.manual_seed(0)
     m = dit.DiT_models["DiT-XL/2"]().eval()
     for _, _, _, lin in quant.quant_layers(m):
@@ -178,17 +183,24 @@ def xl_forward(device, repeats, compile=True):
     t, y = torch.tensor([10, 500], device=device), torch.tensor([1, 2], device=device)
     m.to(device)
     out = [("fp32", timeit(lambda: m(x, t, y), device, repeats, 1))]
-    mb = m.to(torch.bfloat16)
-    out.append(("bf16", timeit(lambda: mb(x.bfloat16(), t, y), device, repeats, 1)))
-    m.float()
+    mb = copy.deepcopy(m).to(torch.bfloat16)
+    out.append(("bf16", timeit(lambda: mb(x, t, y), device, repeats, 1)))
+    if compile:
+        c, sec = compiled(lambda v: mb(v, t, y), x)
+        out.append((f"bf16, compiled ({sec:.0f} s)", timeit(lambda: c(x), device, repeats, 1)))
     quant.quantize_model(m, quant.Recipe("hadanorm", QConfig(4), QConfig(4), center="dynamic",
                                          hadamard="double"))
     integer.to_integer(m)
     out.append(("W4A4 HadaNorm integer", timeit(lambda: m(x, t, y), device, repeats, 1)))
     if compile:
-        c, sec = compiled(lambda v: m(v, t, y), x, m)
-        out.append((f"W4A4 HadaNorm integer, compiled ({sec:.0f} s)",
-                    timeit(lambda: c(x), device, repeats, 1)))
+        for bf16 in (False, True):
+            mi = copy.deepcopy(m)
+            torch._dynamo.reset()
+            t0 = time.time()
+            how = sample.accelerate(mi, "on", bf16)
+            mi(x, t, y)
+            out.append((f"W4A4 HadaNorm integer, {how} ({time.time() - t0:.0f} s)",
+                        timeit(lambda: mi(x, t, y), device, repeats, 1)))
     return out
 
 
@@ -200,19 +212,22 @@ def tiny_models(device, quick, qckpts=()):
     fp = lambda: dit.load_checkpoint(dit.DEFAULT_CKPT)[0].to(device)
     out = [("fp32 eager", fp())]
     if qckpts:  # these quantized checkpoints, on the integer path
-        load = lambda p: integer.to_integer(calibrate.load_quantized(p)[0]).to(device)
+        load = lambda p: integer.to_integer(integer.load_quantized(p)[0]).to(device)
         return out + [(f"{os.path.basename(p)} (integer)", load(p)) for p in qckpts]
     if quick:
         m = fp()
         calibrate.quantize_fp(m, "hadanorm", 4, 4, calib_n=2, calib_steps=3)
         return out + [("W4A4 HadaNorm (integer)", integer.to_integer(m).to(device))]
-    out += [("fp32 compiled", fp()), ("bf16 compiled", fp().to(torch.bfloat16))]
+    out += [("fp32 compiled", fp()), ("bf16 compiled (sample.py --bf16 --compile on)", fp())]
     for name, path in (("W4A4 HadaNorm (sample.py --w4a4 --method hadanorm)", "checkpoints/dit_t4_w4a4_hadanorm.pt"),
                        ("W4A4 HQ-DM QAT (--method hqdm)", "checkpoints/dit_t4_w4a4_hqdm.pt"),
                        ("W4A4 SVDQuant-HadaNorm (sample.py --w4a4)",
                         "checkpoints/dit_t4_w4a4_svdquant-hadanorm.pt")):
         if os.path.exists(path):
-            out.append((f"{name} (integer)", calibrate.load_quantized(path)[0].to(device)))
+            out.append((f"{name} (integer)", integer.load_quantized(path)[0].to(device)))
+            if "SVDQuant" in name:
+                out.append((f"{name} (integer), bf16 float parts",
+                            integer.load_quantized(path)[0].to(device)))
     return out
 
 
@@ -223,14 +238,10 @@ def tiny_sampling(device, n, steps, rounds, quick, compile=True, qckpts=()):
     labels = class_labels(n, list(range(10)))
     runs = []
     for name, m in tiny_models(device, quick, qckpts):
-        how = sample.accelerate(m,
-                                "on" if compile and ("compiled" in name or "integer" in name) else "off")
-        bf16 = next(m.parameters()).dtype == torch.bfloat16
-        if bf16:
-            fwd = m.forward
-            # float32 sampler around a bf16 model
-            m.forward = lambda x, t, y, f=fwd: f(x.bfloat16(), t, y).float()
-        ct = sample.warm_up(m, labels, 4.0) if how == "compiled" else 0.0
+        torch._dynamo.reset()
+        how = sample.accelerate(m, "on" if compile and ("compiled" in name or "integer" in name)
+                                else "off", bf16="bf16" in name)
+        ct = sample.warm_up(m, labels, 4.0) if how.startswith("compiled") else 0.0
         runs.append([name, m, ct, [], [], []])
     for _ in range(rounds):
         for r in runs:
@@ -247,7 +258,7 @@ def tiny_sampling(device, n, steps, rounds, quick, compile=True, qckpts=()):
 
 def profile(path, device, batch=160, top=12):
     """torch.profiler's table of one eager forward of a quantized checkpoint (after warm-up)."""
-    m = calibrate.load_quantized(path)[0].to(device).eval()
+    m = integer.load_quantized(path)[0].to(device).eval()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, m.in_channels, 32, 32, generator=g).to(device)
     t, y = torch.full((batch,), 500, device=device), (torch.arange(batch) % 10).to(device)
@@ -265,8 +276,8 @@ def profile(path, device, batch=160, top=12):
 
 
 def main(argv=None):
-    ap = common.Parser(description="Benchmark the integer path (IntLinear, int8 GEMM, fused "
-                       "kernels) against fp32 / bf16 peers, per layer and end to end, side by side.")
+    ap = common.Parser(description="Benchmark the integer path against fp32 / bf16 peers, per "
+                       "layer and end to end, side by side.")
     ap.add_argument("--quick", action="store_true",
                     help="one small shape, no compile rows, tiny sampling (< 1 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -289,12 +300,10 @@ def main(argv=None):
     common.check_device(args.device)
     if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
         raise ValueError("--repeats and --rounds must be at least 1")
-    kernels.tune_allocator()  # as sample.py: freed activations stay in the process (no page faults)
     dev, repeats = args.device, args.repeats or (3 if args.quick else 10)
     compile = not (args.quick or args.no_compile)
-    ok, why = kernels.kernel_status()
-    print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; fused C kernel: "
-          f"{'yes' if ok else 'no (' + why + ')'}")
+    print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; glibc malloc kept: "
+          f"{os.environ.get('MALLOC_MMAP_MAX_') == '0'}")
     t0 = time.time()
     if args.profile:
         return profile(args.profile, dev)

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 import common
 import dit
+import integer
 import quant
-from integer import load_quantized, save_quantized  # the quantized checkpoint format
 from quant import QConfig, QuantLinear
 from diffusion import Diffusion, class_labels, guided, make_noise, sample_states
 
@@ -442,7 +442,7 @@ def main(argv=None):
         print(f"A8 layers: {len(a8)} of {len(macs)}, {100 * share:.1f}% of the linear MACs: "
               f"{', '.join(a8)}")
     if args.out:
-        save_quantized(args.out, model, cfg, recipe, vars(args))
+        integer.save_quantized(args.out, model, cfg, recipe, vars(args))
         print(f"saved {args.out}")
 
 

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 
 import common
-import dit
 
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",

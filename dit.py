@@ -220,12 +220,13 @@ class DiT(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)  # (N, C, H, W)
 
     def forward(self, x, t, y):
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        # (N, T, D); the casts (in and out) let a bf16 model run under a float32 sampler
+        x = self.x_embedder(x.to(self.pos_embed.dtype)) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)
-        return self.unpatchify(x)  # (N, C_out, H, W)
+        return self.unpatchify(x).float()  # (N, C_out, H, W)
 
     def forward_with_cfg(self, x, t, y, cfg_scale, guide_channels=3):
         """Classifier-free guidance: batch = [cond half, uncond half] of the same noise.

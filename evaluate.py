@@ -221,11 +221,11 @@ def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
     (compiled) unless simulate. A builder returns (model, calibration seconds or None)."""
     for p in qckpts:
         def load(p=p):
-            model = calibrate.load_quantized(p)[0]
+            model = integer.load_quantized(p)[0]
             integer.to_integer(model)  # a file calibrate.py wrote holds the simulated form
             sample.accelerate(model, compile)
             return model, None
-        rec = calibrate.load_quantized(p)[2]
+        rec = integer.load_quantized(p)[2]
         yield f"W{rec.wq.bits}A{rec.aq.bits} {rec.method} ({os.path.basename(p)})", "integer", load
     for setting in settings:
         for method in methods:
@@ -386,7 +386,6 @@ def main(argv=None):
     if args.n < 4:
         raise ValueError(f"--n must be at least 4 (precision/recall's 3-nearest neighbours), got "
                          f"{args.n}")
-    integer.kernels.tune_allocator()
 
     if args.cmd == "train-classifier":
         t0 = time.time()

@@ -19,7 +19,6 @@ import time
 import torch
 
 import common
-import dit
 
 
 #################################################################################
@@ -110,48 +109,58 @@ def hadamard_matrix(n, dtype=torch.float32):
 #                              Fast transform                                    #
 #################################################################################
 
+def kron_factors(b, dtype=torch.float32, device="cpu"):
+    """The ±1 Kronecker factors (H_K, H_m) of H_b, b = K · m: what `transform` multiplies by. An
+    integer layer keeps them as buffers, so that compiled code finds them made."""
+    km = split(b)
+    if km is None:
+        raise _unsupported(b)
+    return tuple(base_matrix(k).to(dtype).to(device) if i == 0 else sylvester(k).to(dtype).to(device)
+                 for i, k in enumerate(km))
+
+
 @functools.lru_cache(maxsize=None)
-def _sylvester_cached(m):
-    return sylvester(m)
+def _factors_cached(b, dtype, device):
+    return kron_factors(b, dtype, device)
 
 
-def _apply_sylvester(y, m):
-    """y H_m over the last axis (H_m symmetric). Sylvester matrices factor as H_m = H_m1 ⊗ H_m2, so
-    large m is two small dense matmuls: O(n (m1 + m2)) flops, and BLAS-fast, unlike a Python
-    butterfly of log2(m) elementwise passes (measured 2-4x slower here)."""
+def _apply_sylvester(y, hm):
+    """y H_m over the last axis (H_m symmetric). Sylvester matrices factor as H_m = H_m1 ⊗ H_m2
+    (H_m2 is H_m's top-left block, H_m1 its every m2-th row and column), so large m is two small
+    dense matmuls: O(n (m1 + m2)) flops, and BLAS-fast, unlike a Python butterfly of log2(m)
+    elementwise passes (measured 2-4x slower here)."""
+    m = hm.shape[0]
     if m <= 128:
-        return y @ _sylvester_cached(m).to(y.dtype).to(y.device)
-    m1 = 2 ** (int(math.log2(m)) // 2)
-    m2 = m // m1
-    # along m2
-    z = y.reshape(*y.shape[:-1], m1, m2) @ _sylvester_cached(m2).to(y.dtype).to(y.device)
-    z = _sylvester_cached(m1).to(y.dtype).to(y.device) @ z  # along m1
+        return y.contiguous() @ hm  # important! a strided operand (compiled code can make one) is slow
+    m2 = m // 2 ** (int(math.log2(m)) // 2)
+    z = y.reshape(*y.shape[:-1], m // m2, m2) @ hm[:m2, :m2]  # along m2
+    z = hm[::m2, ::m2] @ z  # along m1
     return z.reshape(y.shape)
 
 
-def transform(x, inverse=False, block=None, signs=None):
+def transform(x, inverse=False, block=None, signs=None, factors=None):
     """x Hᵀ over the last axis (x H if inverse); any leading shape; float32 or bf16.
 
-    block:  block-diagonal Hadamard of this size (n must be a multiple of it).
-    signs:  ±1 vector of length n: the randomised transform x (H D)ᵀ = (x D) Hᵀ; its inverse is (x H) D.
+    block:   block-diagonal Hadamard of this size (n must be a multiple of it).
+    signs:   ±1 vector of length n: the randomised transform x (H D)ᵀ = (x D) Hᵀ; its inverse is (x H) D.
+    factors: (H_K, H_m) of the block from `kron_factors()`, in x's dtype; made here when not given.
     """
     n = x.shape[-1]
     b = block or n
     if n % b:
         raise ValueError(f"block size {b} does not divide the width {n}")
-    km = split(b)
-    if km is None:
-        raise _unsupported(b)
-    K, m = km
+    if factors is None:
+        factors = _factors_cached(b, x.dtype, x.device)
+    hk, hm = factors
+    K, m = hk.shape[0], hm.shape[0]
     if signs is not None and not inverse:
         x = x * signs.to(x.dtype)
     # exercise fast_hadamard: apply H_K ⊗ H_{2^j} (or its transpose) one Kronecker factor at a time, normalised by 1/√b
     y = x.reshape(*x.shape[:-1], n // b, K, m)  # (..., blocks, K, 2^j)
     if m > 1:
-        y = _apply_sylvester(y, m)  # Sylvester part (symmetric, its own transpose)
+        y = _apply_sylvester(y, hm)  # Sylvester part (symmetric, its own transpose)
     if K > 1:
-        HK = base_matrix(K).to(x.dtype).to(x.device)
-        y = torch.matmul(HK.T if inverse else HK, y)  # (K, K) @ (..., K, 2^j)
+        y = torch.matmul(hk.T if inverse else hk, y)  # (K, K) @ (..., K, 2^j)
     y = (y * (1.0 / math.sqrt(b))).reshape(x.shape)
     # end exercise fast_hadamard
     if signs is not None and inverse:

@@ -31,7 +31,6 @@ import common
 import calibrate
 import dit
 import integer
-import quant
 from diffusion import Diffusion, class_labels, make_noise
 from quant import QConfig, QuantLinear, Recipe
 
@@ -336,10 +335,10 @@ def train(args):
 @torch.no_grad()
 def export(model, recipe, cfg, path, calib):
     """Packs the trained model (learned steps kept) for the integer path and saves it; loadable by
-    `sample.py --qckpt` and `calibrate.load_quantized`."""
+    `sample.py --qckpt` and `integer.load_quantized`."""
     model = copy.deepcopy(model).requires_grad_(False)
     integer.to_integer(model)
-    calibrate.save_quantized(path, model, cfg, recipe, calib)
+    integer.save_quantized(path, model, cfg, recipe, calib)
     return model
 
 
@@ -413,7 +412,7 @@ def main(argv=None):
         data = trajectories(fp, args.traj, args.steps, args.traj_cfg, seed=args.seed)
         for path in args.qckpt:
             print(f"{path}: MSE(ε_q, ε_fp) "
-                  f"{score(calibrate.load_quantized(path)[0], data, loss=args.loss):.3e} "
+                  f"{score(integer.load_quantized(path)[0], data, loss=args.loss):.3e} "
                   f"({args.loss}) on {args.traj} trajectories x {args.steps} steps (seed "
                   f"{args.seed}, "
                   f"CFG {'/'.join(map(str, args.traj_cfg))})")

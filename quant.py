@@ -185,6 +185,55 @@ def sqnr(ref, x):
 
 
 #################################################################################
+#                  The input transform and the activation step                   #
+#################################################################################
+# One implementation, used by the simulation (QuantLinear) and the integer path (integer.IntLinear).
+
+def transform_input(x, center="none", mean=None, scale=None, rotate=False, block=None, signs=None,
+                    factors=None):
+    """x (S, T, K) -> (x̃, μ̃): x̃ = ((x − μ) / s) Hᵀ, each part optional, and μ̃ = (μ / s) Hᵀ (S or
+    1, 1, K) or None. center "dynamic": μ is each sample's mean over its tokens; "static": `mean`.
+    `factors`: the Hadamard's Kronecker factors, made once by the caller (hadamard.kron_factors)."""
+    mu = None
+    if center == "dynamic":
+        mu = x.mean(dim=-2, keepdim=True) if x.dim() >= 3 else x.mean(dim=0, keepdim=True)  # (S, 1, K)
+    elif center == "static":
+        mu = mean
+    if mu is not None:
+        # exercise hadanorm: center the input on its channel means
+        x = x - mu
+        # end exercise hadanorm
+    if scale is not None:
+        # exercise hadanorm: divide the input (and its mean) by the channel scale s
+        x = x / scale.to(x.dtype)
+        mu = None if mu is None else mu / scale.to(x.dtype)
+        # end exercise hadanorm
+    if rotate:
+        x = hadamard_transform(x, block=block, signs=signs, factors=factors)
+        mu = None if mu is None else hadamard_transform(mu, block=block, signs=signs, factors=factors)
+    return x, mu
+
+
+def per_bucket(v, t_bucket, xt):
+    """v[timestep bucket of each sample], shaped (S, 1, 1) to broadcast over its tokens."""
+    b = t_bucket if t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
+    return v[b.to(v.device)].view(-1, *[1] * (xt.dim() - 1))
+
+
+def act_step(xt, bits, clip=None, static=None, t_bucket=None):
+    """Each token's symmetric activation step (S, T, 1): max|x̃_token| / qmax (dynamic per token),
+    times a learned clipping ratio of its sample's timestep bucket (`clip`), or a calibrated step
+    per bucket (`static`)."""
+    qmax = 2 ** (bits - 1) - 1
+    if static is not None:  # a learnable (QAT) step must stay positive
+        return per_bucket(static.clamp(min=1e-8), t_bucket, xt)
+    m = xt.detach().abs().amax(-1, keepdim=True)  # (S, T, 1), a constant for the gradient
+    if clip is not None:
+        m = m * per_bucket(clip.clamp(min=1e-3), t_bucket, xt)
+    return (m / qmax).clamp(min=1e-12)
+
+
+#################################################################################
 #                                 QuantLinear                                    #
 #################################################################################
 
@@ -246,39 +295,12 @@ class QuantLinear(nn.Module):
 
     def transform_input(self, x):
         """x -> (x̃, μ̃): centered, scaled and rotated input, and the transformed mean (or None)."""
-        mu = None
-        if self.center == "dynamic":
-            # (N, 1, K)
-            mu = x.mean(dim=-2, keepdim=True) if x.dim() >= 3 else x.mean(dim=0, keepdim=True)
-        elif self.center == "static":
-            mu = self.mu_static
-        if mu is not None:
-            # exercise hadanorm: center the input on its channel means
-            x = x - mu
-            # end exercise hadanorm
-        if self.channel_scale is not None and not self.input_prescaled:
-            # exercise hadanorm: divide the input (and its mean) by the channel scale s
-            x = x / self.channel_scale
-            mu = None if mu is None else mu / self.channel_scale
-            # end exercise hadanorm
-        if self.rotate:
-            x = hadamard_transform(x, block=self.block, signs=self.signs)
-            mu = None if mu is None else hadamard_transform(mu, block=self.block, signs=self.signs)
-        return x, mu
-
-    def per_bucket(self, v, xt):
-        """v[bucket of each sample], shaped (N, 1, 1) to broadcast over its tokens and channels."""
-        b = self.t_bucket if self.t_bucket is not None else torch.zeros(xt.shape[0], dtype=torch.long)
-        return v[b.to(v.device)].view(-1, *[1] * (xt.dim() - 1))
+        s = None if self.input_prescaled else self.channel_scale
+        return transform_input(x, self.center, self.mu_static, s, self.rotate, self.block, self.signs)
 
     def act_step(self, xt):
-        """The activation step of each token: the calibrated one of its sample's timestep bucket, or
-        (clip) its own max|x̃| times the bucket's learned clipping ratio, over qmax."""
-        if self.a_clip is not None:
-            m = xt.detach().abs().amax(-1, keepdim=True)  # (N, T, 1), a constant for the gradient
-            return (m * self.per_bucket(self.a_clip.clamp(min=1e-3), xt) / levels(self.aq)[1]).clamp(min=1e-12)
-        # a learnable (QAT) step must stay positive
-        return self.per_bucket(self.a_scale.clamp(min=1e-8), xt)
+        """The activation step of each token (`act_step` below), from its sample's timestep bucket."""
+        return act_step(xt, self.aq.bits, self.a_clip, self.a_scale, self.t_bucket)
 
     def act_quant(self, xt):
         if self.aq is None or not self.quantize_enabled:
@@ -364,9 +386,6 @@ class Recipe:
         d = dict(d)
         for k in ("wq", "aq"):
             d[k] = None if d.get(k) is None else QConfig(**d[k])
-        if "rotate" in d or "single" in d:  # files written before `hadamard` named the form
-            rotate, single = d.pop("rotate", False), d.pop("single", False)
-            d["hadamard"] = "single" if single else "double" if rotate else "none"
         if unknown := set(d) - {f.name for f in dataclasses.fields(cls)}:
             raise ValueError(f"unknown recipe keys {sorted(unknown)}")
         return cls(**d)

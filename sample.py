@@ -6,9 +6,19 @@
 """
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import time
+
+# important! Every forward allocates and frees tens of MB of activations; glibc hands each such
+# block back to the OS and every call page-faults it in again (a compiled W4A4 forward measured
+# 750 ms instead of 440). These settings keep freed memory in the process; glibc reads them only at
+# start-up, so the script starts itself again with them, before torch is imported.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2 ** 30),
+              "MALLOC_TOP_PAD_": str(2 ** 26)}
+if __name__ == "__main__" and sys.platform.startswith("linux") and "MALLOC_MMAP_MAX_" not in os.environ:
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 import numpy as np
 import torch
@@ -19,7 +29,6 @@ import calibrate
 import data
 import dit
 import integer
-import quant
 from diffusion import Diffusion, class_labels, guided, make_noise
 
 DEFAULT_CKPT = dit.DEFAULT_CKPT
@@ -64,46 +73,27 @@ def generate(model, labels, steps=50, cfg_scale=4.0, seed=0, sampler="ddim", eta
 #                              Faster float parts                               #
 #################################################################################
 
-class GELUTanh(torch.nn.Module):
-    """GELU's tanh form written as x·σ(2u), u = √(2/π)(x + 0.044715 x³): the same function, with one
-    exp where torch's kernel evaluates a tanh (measured ~30 ms of a 285 ms compiled W4A4
-    forward)."""
-    def forward(self, x):
-        return x * torch.sigmoid(1.5957691216057308 * (x + 0.044715 * (x * x * x)))
-
-
 def accelerate(model, mode="auto", bf16=False):
-    """Makes sampling fast: torch.compile of the model's forward (the integer path's kernels, GEMMs
-    and float parts as one graph), for the integer path by default ("auto"), or "on" / "off"; with
-    bf16 the float parts (embedders, adaLN, norms, attention, final layer) run in bfloat16 while the
-    quantized layers keep their integer GEMM and float32 scales. Returns a note for the report;
-    without a working
-    compiler the model stays eager and the note says so."""
+    """Makes sampling fast, in place: with bf16 the float parts (embedders, adaLN, norms,
+    attention, final layer; all of a full-precision model) in bfloat16, the integer layers keeping
+    their GEMM; torch.compile of the DiT block for the integer path ("auto"), or "on" / "off". The
+    block is compiled once and its code reused by every block (regional compilation: one graph to
+    build, not a whole model's). Returns a note for the report."""
     is_int = any(isinstance(m, integer.IntLinear) for m in model.modules())
     note = []
     if bf16:
         for m in model.modules():
             if not isinstance(m, integer.IntLinear):
-                for name, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
-                    if p is not None and p.is_floating_point():
+                for p in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False)):
+                    if p.is_floating_point():
                         p.data = p.data.bfloat16()
-        forward = model.forward
-        # the sampler stays float32
-        model.forward = lambda x, t, y: forward(x.bfloat16(), t, y).float()
         note.append("bf16 float parts")
     if mode == "off" or (mode == "auto" and not is_int):
         return ", ".join(["eager"] + note)
-    ok, why = integer.kernels.compiler_status()
-    if not ok:
-        return ", ".join([f"eager ({why})"] + note)
-    if is_int:
-        for blk in model.blocks:
-            blk.mlp.act = GELUTanh()
-    if any(getattr(m, "gemm", None) == "onednn" for m in model.modules()):
-        # inductor lowers oneDNN's int8 linear only on constant (frozen) weights
-        torch._inductor.config.freezing = True
-    # important! forward_with_cfg calls self.forward: compile that
-    model.forward = torch.compile(model.forward)
+    if not shutil.which(os.environ.get("CXX") or "g++") and not shutil.which("c++"):
+        return ", ".join(["eager (no C++ compiler on PATH for torch.compile)"] + note)
+    for blk in model.blocks:
+        blk.compile()
     return ", ".join(["compiled"] + note)
 
 
@@ -333,7 +323,7 @@ def load_model(args):
 def load_saved(path, method, args):
     """A quantized checkpoint -> (model, config, description); it must hold `method` at the
     asked bit setting (a --qckpt given without --method: any recipe of those bits)."""
-    model, cfg, recipe = calibrate.load_quantized(path)
+    model, cfg, recipe = integer.load_quantized(path)
     same = (recipe.method == method or (method == QAT and recipe.method.startswith(QAT + "-"))
             or (args.qckpt and not args.method))
     bits = f"W{recipe.wq.bits}A{recipe.aq.bits}"
@@ -355,17 +345,17 @@ def calibrate_now(args, method, path):
     integer.to_integer(model)
     try:  # only a cache: a file that cannot be written does not stop sampling
         common.check_output(path, (args.ckpt,), "the calibration cache")
-        calibrate.save_quantized(path, model, cfg, recipe,
+        integer.save_quantized(path, model, cfg, recipe,
                                  {"ckpt": args.ckpt, "fp_sha256": common.file_sha256(args.ckpt)})
     except (OSError, ValueError) as e:
         print(f"warning: calibrated model not cached ({e}); sampling from it all the same",
               file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:  # the saved form all the same
-            calibrate.save_quantized(os.path.join(tmp, "q.pt"), model, cfg, recipe, {})
-            return calibrate.load_quantized(os.path.join(tmp, "q.pt"))[0], cfg, \
+            integer.save_quantized(os.path.join(tmp, "q.pt"), model, cfg, recipe, {})
+            return integer.load_quantized(os.path.join(tmp, "q.pt"))[0], cfg, \
                 made % ("integer", ", not cached")
     # important! sample from what was saved (fp16 adaLN), as every later run
-    return calibrate.load_quantized(path)[0], cfg, made % ("integer", f", saved {path}")
+    return integer.load_quantized(path)[0], cfg, made % ("integer", f", saved {path}")
 
 
 def main(argv=None):
@@ -374,7 +364,6 @@ def main(argv=None):
     common.check_output(args.out, inputs, "--out")
     common.check_output(args.npz, inputs + (args.out,), "--npz")
     common.check_device(args.device)
-    integer.kernels.tune_allocator()
     t0 = time.time()
     decoder = None
     if args.image_size or args.vae:

@@ -11,6 +11,7 @@ from conftest import save_random_tiny
 
 import calibrate
 import dit
+import integer
 import qat
 import quant
 from quant import QConfig
@@ -158,13 +159,24 @@ def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode, 
                                            "--act", act))
     out = str(tmp_path / f"{mode}.pt")
     qat.export(model, recipe, cfg, out, {})
-    loaded, _, rec = calibrate.load_quantized(out)
+    loaded, _, rec = integer.load_quantized(out)
     assert rec.method == f"hqdm-{mode}" and rec.integer
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([40, 700]), torch.tensor([1, 2])
+    ins = {}  # each layer's input in the simulated model
+    hooks = [q.register_forward_pre_hook(lambda mod, inp, n=n: ins.__setitem__(n, inp[0]))
+             for n, _, _, q in quant.quant_layers(model)]
     with torch.no_grad():
         sim, out_int = model(x, t, y), loaded(x, t, y)
-    assert ((out_int - sim).abs().max() / sim.abs().max()).item() < 0.05  # code flips on ties only
-    assert ((out_int - sim).abs() > 1e-4).float().mean().item() < 0.02
+        for h in hooks:
+            h.remove()
+        # layer by layer, on the same inputs and timestep buckets: equal to float rounding
+        for (n, _, _, q), (_, _, _, iq) in zip(quant.quant_layers(model), quant.quant_layers(loaded)):
+            iq.t_bucket = q.t_bucket
+            ref = q(ins[n])
+            assert ((iq(ins[n]) - ref).abs().max() / ref.abs().max()).item() < 1e-5, n
+    # end to end a float-rounding difference can flip a 4-bit code on a tie, which attention spreads
+    # over the sample (and the float parts were stored in fp16): close, not equal
+    assert ((out_int - sim).abs().max() / sim.abs().max()).item() < 0.05
 
 
 def test_bad_input_exit_2(teacher):
@@ -220,7 +232,7 @@ def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
     fp = dit.load_checkpoint(teacher)[0]
     data = qat.trajectories(fp, n=2, steps=3, seed=7)
     got = float(capsys.readouterr().out.split("MSE(ε_q, ε_fp) ")[1].split()[0])
-    want = qat.score(calibrate.load_quantized(out)[0], data)
+    want = qat.score(integer.load_quantized(out)[0], data)
     assert abs(got - want) <= 1e-3 * want  # the CLI prints score() of the loaded checkpoint
     # chunks are weighted by their size (6 = 5 + 1): exact where no quantizer can flip a code with
     # the batch shape (a 4-bit model's loss moves with the GEMM kernel a batch shape picks, by ~1e-4

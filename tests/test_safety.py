@@ -13,7 +13,7 @@ import torch
 import common
 import dit
 import sample
-from conftest import ROOT, run_script, save_random_tiny
+from conftest import ROOT, run_script
 
 SHIPPED = os.path.join("checkpoints", "dit_t4.pt")
 

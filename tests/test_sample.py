@@ -143,7 +143,6 @@ def test_quantized_bad_input_exit_2(tmp_path, tiny_ckpt):
 
 
 def test_official_checkpoint_with_vae_end_to_end(tmp_path):
-    import vae
     from test_vae import diffusers_state_dict
     torch.manual_seed(0)
     m = dit.DiT_models["DiT-S/4"](input_size=8)  # official layout, learn_sigma: 8 output channels

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 import torch
 
-import calibrate
 import dit
+import integer
 import sample
 from conftest import ROOT
 
@@ -43,7 +43,7 @@ def test_every_shipped_quantized_checkpoint_has_a_floor():
 @pytest.mark.parametrize("name", shipped())
 def test_shipped_checkpoint_loads_and_samples_near_fp(name, fp_images):
     path = os.path.join(ROOT, "checkpoints", name)
-    model, cfg, recipe = calibrate.load_quantized(path)  # asserts every key and shape
+    model, cfg, recipe = integer.load_quantized(path)  # asserts every key and shape
     assert cfg["model"] == dit.TINY and recipe.integer
     assert sample.made_from(path, os.path.join(ROOT, dit.DEFAULT_CKPT))
     bits, method = name[len("dit_t4_"):-3].split("_", 1)
