@@ -9,10 +9,13 @@ An exercise is a region of a stage file between two one-line comments, readable 
 
 A name may mark several regions (pack and unpack, say). The hand-out keeps both comments and
 replaces the code between them by `raise NotImplementedError("exercise NAME: <task>")` at the same
-indentation. The tests that grade NAME are the tests that fail when NAME alone is removed. They are
-measured, not guessed: `python assignments.py --map` generates one hand-out per exercise, runs the
-suite in each and records the failures in tests/exercises.json (tests/test_assignments.py checks
-that the record still holds).
+indentation. Two sets of tests grade NAME:
+  focused   the tests named after it (`python -m pytest -k NAME`): they call the student's code
+            directly against hand values or a reference, and run in seconds;
+  also      every test of the student tier that fails when NAME alone is removed. Measured, not
+            guessed: `python assignments.py --map` generates one hand-out per exercise, runs the
+            suite in each and records the failures in tests/exercises.json (the slow tier of
+            tests/test_assignments.py checks that the record still holds).
 
     python assignments.py --list                         # exercises, their task and their tests
     python assignments.py --out handout                  # every exercise removed
@@ -22,7 +25,8 @@ that the record still holds).
 A test that passes on a wrong answer grades nothing. tests/wrong_answers.json holds two to four
 plausible wrong answers per exercise (code a student could write: no sign extension, σ = 0, α fixed,
 ...); `--check` puts each into a copy of the project in place of the reference code and runs that
-exercise's tests, which must fail, and runs them once on the unchanged copy, where they must pass.
+exercise's focused tests, which must fail, and runs them once on the unchanged copy, where they
+must pass.
 """
 import json
 import os
@@ -87,13 +91,11 @@ def find_exercises(root=ROOT):
             m, c = OPEN.match(line), CLOSE.match(line)
             if m:
                 if cur:
-                    raise ValueError(f"{rel}:{i + 1}: exercise {m[2]} opens inside exercise "
-                                     f"{cur[0]}")
+                    raise ValueError(f"{rel}:{i + 1}: exercise {m[2]} opens inside exercise {cur[0]}")
                 cur = (m[2], i, m[1], m[3])
             elif c:
                 if not cur or c[2] != cur[0]:
-                    raise ValueError(f"{rel}:{i + 1}: 'end exercise {c[2]}' without its opening "
-                                     f"comment")
+                    raise ValueError(f"{rel}:{i + 1}: 'end exercise {c[2]}' without its opening comment")
                 name, start, indent, task = cur
                 if i == start + 1:
                     raise ValueError(f"{rel}:{start + 1}: exercise {name} is empty")
@@ -103,6 +105,16 @@ def find_exercises(root=ROOT):
         if cur:
             raise ValueError(f"{rel}:{cur[1] + 1}: exercise {cur[0]} is never closed")
     return ex
+
+
+def focused(name, root=ROOT):
+    """The tests named after exercise `name` (what `pytest -k name` selects), as node ids."""
+    out = []
+    for f in sorted(os.listdir(os.path.join(root, "tests"))):
+        if f.startswith("test_") and f.endswith(".py"):
+            src = open(os.path.join(root, "tests", f), encoding="utf-8").read()
+            out += [f"tests/{f}::{t}" for t in re.findall(r"^def (test_\w+)\(", src, re.M) if name in t]
+    return out
 
 
 def load_map(root=ROOT):
@@ -122,9 +134,7 @@ def load_wrong(root=ROOT, exercises=None):
             raise ValueError(f"{WRONG_FILE}: unknown exercise {name}")
         for a in answers:
             if len(a["code"]) != len(exercises[name]["regions"]):
-                raise ValueError(f"{WRONG_FILE}: {name} '{a['why']}' gives {len(a['code'])} "
-                                 f"regions, "
-                                 f"the exercise has {len(exercises[name]['regions'])}")
+                raise ValueError(f"{WRONG_FILE}: {name} '{a['why']}' gives {len(a['code'])} regions, the exercise has {len(exercises[name]['regions'])}")
     return wrong
 
 
@@ -165,8 +175,7 @@ def write_handout(out, names, root=ROOT, exercises=None, codes=None):
     exercises = exercises or find_exercises(root)
     unknown = [n for n in names if n not in exercises]
     if unknown:
-        raise ValueError(f"unknown exercise {', '.join(unknown)}; choose from "
-                         f"{', '.join(exercises)}")
+        raise ValueError(f"unknown exercise {', '.join(unknown)}; choose from {', '.join(exercises)}")
     check_out(out, root)
     by_file = {}
     for n in names:
@@ -231,9 +240,10 @@ def measure_map(root=ROOT, tests=()):
 
 def check_wrong_answers(names, root=ROOT, log=print):
     """Each stored wrong answer of each exercise in `names`, in a copy of the project, against the
-    exercise's tests -> the answers no test caught, plus "reference" if the unchanged copy fails
-    them."""
-    ex, mapping = find_exercises(root), load_map(root)
+    exercise's focused tests -> the answers no test caught, plus "reference" if the unchanged copy
+    fails them."""
+    ex = find_exercises(root)
+    mapping = {n: focused(n, root) for n in names}
     wrong, missed = load_wrong(root, ex), []
     for n in names:
         if not mapping.get(n) or not wrong.get(n):
@@ -268,10 +278,7 @@ def check_wrong_answers(names, root=ROOT, log=print):
 #################################################################################
 
 def main(argv=None):
-    ap = common.Parser(description="Write a course hand-out: the project with chosen exercise "
-                                   "regions "
-                                             "replaced by NotImplementedError, and the tests that "
-                                             "grade each.")
+    ap = common.Parser(description="Write a course hand-out: the project with chosen exercise regions replaced by NotImplementedError, and the tests that grade each.")
     ap.add_argument("--out", help="new (or empty) folder for the hand-out")
     ap.add_argument("--only", nargs="+", metavar="NAME",
                     help="remove only these exercises (default: all)")
@@ -281,10 +288,8 @@ def main(argv=None):
                     help=f"re-measure {MAP_FILE} (runs the suite once per exercise)")
     ap.add_argument("--tests", nargs="+", default=[], metavar="TEST",
                     help="with --map: re-measure only these test files or node ids, keep the rest")
-    ap.add_argument("--check", action="store_true", help=f"every wrong answer in {WRONG_FILE} must "
-                                                         f"fail its "
-                                                         "exercise's tests (with --only: those "
-                                                         "exercises)")
+    ap.add_argument("--check", action="store_true",
+                    help=f"every wrong answer in {WRONG_FILE} must fail its exercise's focused tests (with --only: those exercises)")
     args = ap.parse_args(argv)
     ex = find_exercises()
     if args.map:
@@ -307,22 +312,24 @@ def main(argv=None):
             print(f"{len(missed)} not as they should be:\n  " + "\n  ".join(missed),
                   file=sys.stderr)
             sys.exit(1)
-        print(f"every stored wrong answer of {len(names)} exercises fails its tests; the reference "
-              f"passes")
+        print(f"every stored wrong answer of {len(names)} exercises fails its tests; the reference passes")
         return
     if args.list:
         for n in names:
             where = ", ".join(f"{r[0]}:{r[1]}" for r in ex[n]["regions"])
-            print(f"{n:14s} {ex[n]['task']}\n{'':14s} in {where}; graded by "
-                  f"{len(mapping.get(n, []))} tests:")
-            print("".join(f"{'':16s}{t}\n" for t in mapping.get(n, [])))
+            mine = focused(n)
+            also = [t for t in mapping.get(n, []) if t.split("[")[0] not in mine]
+            print(f"{n:14s} {ex[n]['task']}\n{'':14s} in {where}; graded first by {len(mine)} focused tests (python -m pytest -k {n}):")
+            print("".join(f"{'':16s}{t}\n" for t in mine), end="")
+            print(f"{'':14s} then also by {len(also)} more tests of the student tier:")
+            print("".join(f"{'':16s}{t}\n" for t in also))
         return
     if not args.out:
         raise ValueError("give --out DIR (or --list); see --help")
     changed = write_handout(args.out, names, exercises=ex)
     print(f"wrote {args.out}: {len(names)} exercises removed in {', '.join(changed)}")
     for n in names:
-        print(f"\n{n}: {ex[n]['task']}\n  grade: cd {args.out} && python -m pytest " + " ".join(mapping.get(n, [])))
+        print(f"\n{n}: {ex[n]['task']}\n  grade: cd {args.out} && python -m pytest -k {n}   (then: python -m pytest, {len(mapping.get(n, []))} tests depend on it)")
 
 
 if __name__ == "__main__":

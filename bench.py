@@ -72,9 +72,7 @@ def machine(device):
         return torch.cuda.get_device_name()
     cap = torch._C._cpu._get_cpu_capability()
     isa = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16", "amx_bf16") if cap.get(f)]
-    return (f"{cap.get('cpu_name') or platform.processor() or platform.machine()}, ISA: "
-            f"{', '.join(isa) or 'no VNNI/AMX'}"
-            f", {torch.get_num_threads()} threads")
+    return (f"{cap.get('cpu_name') or platform.processor() or platform.machine()}, ISA: {', '.join(isa) or 'no VNNI/AMX'}, {torch.get_num_threads()} threads")
 
 
 def int4_weight_only(w, device, group=32):
@@ -161,13 +159,10 @@ def print_layer_table(M, K, N, rows):
     tbc = next((t for n, t, *_ in rows if n.startswith("bf16 F.linear, compiled")), float("nan"))
     bound = next(t for n, t, *_ in rows if n.startswith("int8 GEMM alone (_int_mm"))
     print(f"\n**M={M}, K={K}, N={N}**\n")
-    print("| kernel | median ms | GFLOP/s | × fp32 | × bf16 | × bf16 compiled | of the int8 bound | "
-          "weight bytes stored | resident |")
+    print("| kernel | median ms | GFLOP/s | × fp32 | × bf16 | × bf16 compiled | of the int8 bound | weight bytes stored | resident |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, t, stored, resident in rows:
-        print(f"| {name} | {1e3 * t:.3f} | {2 * M * K * N / t / 1e9:.1f} | {t32 / t:.2f} | "
-              f"{tbf / t:.2f} | "
-              f"{tbc / t:.2f} | {bound / t:.2f} | {stored:,d} | {resident:,d} |")
+        print(f"| {name} | {1e3 * t:.3f} | {2 * M * K * N / t / 1e9:.1f} | {t32 / t:.2f} | {tbf / t:.2f} | {tbc / t:.2f} | {bound / t:.2f} | {stored:,d} | {resident:,d} |")
 
 
 @torch.no_grad()
@@ -237,8 +232,9 @@ def tiny_sampling(device, n, steps, rounds, quick, compile=True, qckpts=()):
     time."""
     labels = class_labels(n, list(range(10)))
     runs = []
+    # every model's blocks share DiTBlock.forward's code: keep all their compiled graphs
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     for name, m in tiny_models(device, quick, qckpts):
-        torch._dynamo.reset()
         how = sample.accelerate(m, "on" if compile and ("compiled" in name or "integer" in name)
                                 else "off", bf16="bf16" in name)
         ct = sample.warm_up(m, labels, 4.0) if how.startswith("compiled") else 0.0
@@ -269,15 +265,12 @@ def profile(path, device, batch=160, top=12):
         with torch.profiler.profile() as p:
             for _ in range(3):
                 m(x, t, y)
-    print(f"{path}: one eager forward of batch {batch} takes "
-          f"{(time.perf_counter() - t0) / 3 * 1e3:.0f} ms "
-          "(profiled); per op, summed over the 3 forwards:")
+    print(f"{path}: one eager forward of batch {batch} takes {(time.perf_counter() - t0) / 3 * 1e3:.0f} ms (profiled); per op, summed over the 3 forwards:")
     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
 
 
 def main(argv=None):
-    ap = common.Parser(description="Benchmark the integer path against fp32 / bf16 peers, per "
-                       "layer and end to end, side by side.")
+    ap = common.Parser(description="Benchmark the integer path against fp32 / bf16 peers, per layer and end to end, side by side.")
     ap.add_argument("--quick", action="store_true",
                     help="one small shape, no compile rows, tiny sampling (< 1 min)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -290,20 +283,15 @@ def main(argv=None):
                     help="layer tables at the tiny model's / DiT-XL/2's shapes, the XL forward, sampling")
     ap.add_argument("--xl-m", nargs="+", type=common.POSITIVE, default=[1024, 4096],
                     help="token counts M of the DiT-XL/2 layer tables")
-    ap.add_argument("--profile", metavar="QCKPT", default=None, help="only: where one eager "
-                    "forward of this quantized checkpoint spends its time (torch.profiler, the "
-                    "sampling batch of 2 x 80 images)")
-    ap.add_argument("--qckpt", nargs="+", default=[], help="the sampling rows time these "
-                    "quantized checkpoints (integer path) against fp32 eager, instead of the "
-                    "shipped ones")
+    ap.add_argument("--profile", metavar="QCKPT", default=None, help="only: where one eager forward of this quantized checkpoint spends its time (torch.profiler, the sampling batch of 2 x 80 images)")
+    ap.add_argument("--qckpt", nargs="+", default=[], help="the sampling rows time these quantized checkpoints (integer path) against fp32 eager, instead of the shipped ones")
     args = ap.parse_args(argv)
     common.check_device(args.device)
     if args.repeats is not None and args.repeats < 1 or args.rounds < 1:
         raise ValueError("--repeats and --rounds must be at least 1")
     dev, repeats = args.device, args.repeats or (3 if args.quick else 10)
     compile = not (args.quick or args.no_compile)
-    print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; glibc malloc kept: "
-          f"{os.environ.get('MALLOC_MMAP_MAX_') == '0'}")
+    print(f"# bench: torch {torch.__version__}, {dev}: {machine(dev)}; glibc malloc kept: {os.environ.get('MALLOC_MMAP_MAX_') == '0'}")
     t0 = time.time()
     if args.profile:
         return profile(args.profile, dev)
@@ -314,8 +302,7 @@ def main(argv=None):
     for M, K, N in shapes:
         print_layer_table(M, K, N, layer_rows(M, K, N, dev, repeats, compile))
     if not args.quick and "forward" in args.parts:
-        print("\n**DiT-XL/2 forward, batch 2 x 256 tokens, random weights**\n\n"
-              "| model | median s | × fp32 | × bf16 |\n|---|---|---|---|")
+        print("\n**DiT-XL/2 forward, batch 2 x 256 tokens, random weights**\n\n| model | median s | × fp32 | × bf16 |\n|---|---|---|---|")
         rows = xl_forward(dev, 3, compile)
         for n, t in rows:
             print(f"| {n} | {t:.3f} | {rows[0][1] / t:.2f} | {rows[1][1] / t:.2f} |")
@@ -324,14 +311,11 @@ def main(argv=None):
     n, steps = (2, 3) if args.quick else (80, 50)
     rows = tiny_sampling(dev, n, steps, 1 if args.quick else args.rounds, args.quick, compile,
                          args.qckpt)
-    print(f"\n**Tiny model sampling as `sample.py` runs it: {n} images, DDIM {steps}, CFG 4.0 "
-          f"({1 if args.quick else args.rounds} interleaved rounds, medians)**\n")
-    print("| model | compile s | sampling s | × fp32 eager | CPU user s | CPU system s "
-          "|\n|---|---|---|---|---|---|")
+    print(f"\n**Tiny model sampling as `sample.py` runs it: {n} images, DDIM {steps}, CFG 4.0 ({1 if args.quick else args.rounds} interleaved rounds, medians)**\n")
+    print("| model | compile s | sampling s | × fp32 eager | CPU user s | CPU system s |\n|---|---|---|---|---|---|")
     for name, ct, t, u, s in rows:
         print(f"| {name} | {ct:.1f} | {t:.2f} | {rows[0][2] / t:.2f} | {u:.1f} | {s:.1f} |")
-    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; bench "
-          f"took {time.time() - t0:.0f} s")
+    print(f"\npeak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB; bench took {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -30,8 +30,21 @@ import quant
 from quant import QConfig, QuantLinear
 from diffusion import Diffusion, class_labels, guided, make_noise, sample_states
 
-METHODS = ("rtn", "smoothquant", "hadamard", "hadanorm", "hadanorm-nomean", "hadanorm-static",
-           "hadanorm-noscale", "ditas", "svdquant", "svdquant-hadanorm")
+# each recipe as data: its Hadamard form, centring, the statistic its channel scale smooths (None: no
+# scale; "search": DiTAS's per-layer α search), and whether it takes SVDQuant's low-rank branch
+METHOD_TABLE = {
+    "rtn": dict(hadamard="none", center="none", scale=None, lowrank=False),
+    "smoothquant": dict(hadamard="none", center="none", scale="absmax", lowrank=False),
+    "hadamard": dict(hadamard="double", center="none", scale=None, lowrank=False),
+    "hadanorm": dict(hadamard="double", center="dynamic", scale="cabsmax", lowrank=False),
+    "hadanorm-nomean": dict(hadamard="double", center="none", scale="absmax", lowrank=False),
+    "hadanorm-static": dict(hadamard="double", center="static", scale="cabsmax", lowrank=False),
+    "hadanorm-noscale": dict(hadamard="double", center="dynamic", scale=None, lowrank=False),
+    "ditas": dict(hadamard="none", center="none", scale="search", lowrank=False),
+    "svdquant": dict(hadamard="none", center="none", scale="absmax", lowrank=True),
+    "svdquant-hadanorm": dict(hadamard="double", center="dynamic", scale="cabsmax", lowrank=True),
+}
+METHODS = tuple(METHOD_TABLE)
 # "hadanorm+a8": the most sensitive layers at 8-bit activations, within a share of the MACs
 # (10% by default, "hadanorm+a8:0.2" for 20%)
 A8_SUFFIX, A8_BUDGET = "+a8", 0.1
@@ -243,13 +256,12 @@ def parse_method(name):
     except ValueError:
         share = -1
     if base not in METHODS or (share is not None and not 0 < share <= 1):
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, each "
-                         f"optionally + {A8_SUFFIX!r} or {A8_SUFFIX + ':SHARE'!r} (0 < SHARE <= 1)")
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}, each optionally + {A8_SUFFIX!r} or {A8_SUFFIX + ':SHARE'!r} (0 < SHARE <= 1)")
     return base, share
 
 
 @torch.no_grad()
-def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10,
+def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10, lowrank=32,
                  block=None, static_buckets=0):
     """-> the `quant.Recipe` of `method` for `model`, from its calibration statistics (the model
     is left as it is: `apply_recipe` changes it)."""
@@ -263,21 +275,16 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
         aq = QConfig(abits)
     lins = {name: lin for name, _, _, lin in quant.quant_layers(model)}
     scales = lambda key: {n: smooth_scale(stats[n][key], lins[n].weight, alpha) for n in lins}
-    r = dict(method=method, wq=wq, aq=aq, block=block, alpha=alpha)
-    if base in ("smoothquant", "svdquant"):
-        r["scales"] = scales("absmax")
-    if base == "hadamard":
-        r["hadamard"] = "double"
-    if base.startswith("hadanorm") or base == "svdquant-hadanorm":
-        r["hadamard"] = "double"
-        r["center"] = {"hadanorm-nomean": "none", "hadanorm-static": "static"}.get(base, "dynamic")
-        if base != "hadanorm-noscale":
-            r["scales"] = scales("absmax" if base == "hadanorm-nomean" else "cabsmax")
-        if base == "hadanorm-static":
-            r["means"] = {n: stats[n]["mean"] for n in lins}
-    if base.startswith("svdquant"):
-        r["lowrank"] = lora_rank
-    if base == "ditas":
+    spec = METHOD_TABLE[base]
+    r = dict(method=method, wq=wq, aq=aq, block=block, alpha=alpha, hadamard=spec["hadamard"],
+             center=spec["center"])
+    if spec["scale"] in ("absmax", "cabsmax"):  # cabsmax: of the centred input
+        r["scales"] = scales(spec["scale"])
+    if spec["center"] == "static":
+        r["means"] = {n: stats[n]["mean"] for n in lins}
+    if spec["lowrank"]:
+        r["lowrank"] = lowrank
+    if spec["scale"] == "search":  # DiTAS
         r.update(scales={}, alphas={}, prescaled=[n for n in lins if not n.endswith("fc2")],
                  lora_rank=lora_rank, lora_iters=lora_iters)
         for n, lin in tqdm(lins.items(), desc="DiTAS α search", leave=False, disable=None):
@@ -356,8 +363,7 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
             lim = xt.abs().max().item()
             top, bot = H * 0.6, H * 0.35  # range panel, histogram panel
             d.rectangle([x0, y0, x0 + W, y0 + H], outline="black")
-            d.text((x0 + 4, y0 - 14), f"{name.split('.', 2)[2]} in, {title}: max|x| "
-                                      f"{lim:.1f}", fill="black", font=font)
+            d.text((x0 + 4, y0 - 14), f"{name.split('.', 2)[2]} in, {title}: max|x| {lim:.1f}", fill="black", font=font)
             lo, hi, K = xt.amin(0), xt.amax(0), xt.shape[1]
             for k in range(K):  # one vertical bar per channel, min..max
                 px = x0 + 1 + k * (W - 2) / K
@@ -369,8 +375,7 @@ def plot_ranges(model, stats, path, block=None, alpha=0.5):
                 bx = x0 + i * W / 60
                 d.rectangle([bx, y0 + H - bot * v / hist.max().item(), bx + W / 60 - 1, y0 + H],
                             fill=(40, 90, 160))
-    d.text((pad, img.height - 16), "grey: per-channel min..max (channel index ->), blue: histogram "
-           "of all values (log count); scale = each panel's own max|x|", fill="black", font=font)
+    d.text((pad, img.height - 16), "grey: per-channel min..max (channel index ->), blue: histogram of all values (log count); scale = each panel's own max|x|", fill="black", font=font)
     common.save_image(img, path)
 
 
@@ -395,8 +400,11 @@ def main(argv=None):
     ap.add_argument("--alpha", type=common.number(float, 0, 1), default=0.5,
                     help="smoothing exponent (smoothquant, hadanorm)")
     ap.add_argument("--lora-rank", type=common.number(int, 0), default=32,
-                    help="DiTAS LoRA / SVDQuant branch rank (0 = off)")
-    ap.add_argument("--lora-iters", type=common.POSITIVE, default=10)
+                    help="rank of DiTAS's weight LoRA (0 = off)")
+    ap.add_argument("--lora-iters", type=common.POSITIVE, default=10,
+                    help="DiTAS's alternations of quantize / refit the LoRA")
+    ap.add_argument("--lowrank", type=common.number(int, 0), default=32,
+                    help="rank of SVDQuant's float branch (svdquant, svdquant-hadanorm; 0 = off)")
     ap.add_argument("--static-act", type=common.number(int, 0), default=0, metavar="BUCKETS",
                     help="static activation scales per timestep bucket (0: dynamic per token)")
     ap.add_argument("--calib-n", type=common.POSITIVE, default=16, help="images for calibration")
@@ -423,24 +431,20 @@ def main(argv=None):
     recipe, traces = quantize_fp(model, args.method, args.wbits, args.abits, args.calib_n,
                                  args.calib_steps, args.seed, stats, alpha=args.alpha,
                                  lora_rank=args.lora_rank, lora_iters=args.lora_iters,
-                                 static_buckets=args.static_act)
+                                 lowrank=args.lowrank, static_buckets=args.static_act)
     dt = time.time() - t0
     print(f"{'layer':22s} {'act SQNR raw':>12s} {'act SQNR transf.':>16s} {'out SQNR':>9s}  (dB)")
     for name, a, b, o in layer_report(fp, model, stats):
         print(f"{name:22s} {a:12.2f} {b:16.2f} {o:9.2f}")
-    print(f"{args.method} W{args.wbits}A{args.abits}: calibrated in {dt:.1f} s "
-          f"({args.calib_n} images x {args.calib_steps} steps)")
+    print(f"{args.method} W{args.wbits}A{args.abits}: calibrated in {dt:.1f} s ({args.calib_n} images x {args.calib_steps} steps)")
     if recipe.lowrank and traces:  # SVDQuant: how much of the weight (and its peaks) it takes
         share, peak = zip(*traces.values())
-        print(f"rank-{recipe.lowrank} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of "
-              f"each W̃'s energy (mean {100 * sum(share) / len(share):.0f}%); it lowers max|W̃| to "
-              f"{min(peak):.2f}-{max(peak):.2f}× for the 4-bit residual")
+        print(f"rank-{recipe.lowrank} branch: {100 * min(share):.0f}-{100 * max(share):.0f}% of each W̃'s energy (mean {100 * sum(share) / len(share):.0f}%); it lowers max|W̃| to {min(peak):.2f}-{max(peak):.2f}× for the 4-bit residual")
     if recipe.layer_abits:  # mixed precision: which layers the budget kept at A8
         macs = {n: lin.in_features * lin.out_features for n, _, _, lin in quant.quant_layers(model)}
         a8 = sorted(recipe.layer_abits, key=list(macs).index)
         share = sum(macs[n] for n in a8) / sum(macs.values())
-        print(f"A8 layers: {len(a8)} of {len(macs)}, {100 * share:.1f}% of the linear MACs: "
-              f"{', '.join(a8)}")
+        print(f"A8 layers: {len(a8)} of {len(macs)}, {100 * share:.1f}% of the linear MACs: {', '.join(a8)}")
     if args.out:
         integer.save_quantized(args.out, model, cfg, recipe, vars(args))
         print(f"saved {args.out}")

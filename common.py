@@ -174,8 +174,7 @@ def number(kind=float, lo=None, hi=None, above=None):
         try:
             x = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not "
-                                             f"{'an integer' if kind is int else 'a number'}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
         if kind is float and not math.isfinite(x):
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if kind is int and not -2 ** 63 <= x < 2 ** 63:
@@ -183,8 +182,7 @@ def number(kind=float, lo=None, hi=None, above=None):
         if (lo is not None and x < lo) or (hi is not None and x > hi) or (above is not None and x <= above):
             rng = [f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None else "",
                    f"> {above}" if above is not None else ""]
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be "
-                                             f"{' and '.join(r for r in rng if r)}")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: must be {' and '.join(r for r in rng if r)}")
         return x
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
@@ -222,17 +220,14 @@ def check_output(path, inputs=(), flag="--out", force=False):
         if i and os.path.exists(i) and os.path.realpath(i) == real:
             raise ValueError(f"{flag} {path} is also this run's input; choose another path")
     if not force and os.path.exists(real) and real in shipped_files():
-        raise ValueError(f"{flag} {path} would replace a shipped file; choose another path (or add "
-                         f"--force)")
+        raise ValueError(f"{flag} {path} would replace a shipped file; choose another path (or add --force)")
     folder = os.path.dirname(real)
     if not os.path.isdir(folder):
         raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or '.'} does not exist")
     if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or '.'} is not "
-                         f"writable")
+        raise ValueError(f"{flag} {path}: the folder {os.path.dirname(path) or '.'} is not writable")
 
 
 if __name__ == "__main__":
     print(__doc__.strip().splitlines()[0])
-    print("run_cli, load_file, check_finite, file_sha256, check_device, atomic_path, atomic_save, "
-          "atomic_write_text, number, shipped_files, check_output")
+    print("run_cli, load_file, check_finite, file_sha256, check_device, atomic_path, atomic_save, atomic_write_text, number, shipped_files, check_output")

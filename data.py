@@ -57,13 +57,10 @@ def load(split="train", data_dir=None):
     paths = [os.path.join(data_dir, f) for f in FILES[split]]
     for p in paths:
         if not os.path.exists(p):
-            raise FileNotFoundError(f"Fashion-MNIST not found at {p}: install Debian's package "
-                                    f"'dataset-fashion-mnist' (sudo apt-get install "
-                                    f"dataset-fashion-mnist)")
+            raise FileNotFoundError(f"Fashion-MNIST not found at {p}: install Debian's package 'dataset-fashion-mnist' (sudo apt-get install dataset-fashion-mnist)")
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"unexpected Fashion-MNIST shapes: images {images.shape}, labels "
-                         f"{labels.shape}")
+        raise ValueError(f"unexpected Fashion-MNIST shapes: images {images.shape}, labels {labels.shape}")
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0).unsqueeze(1)  # (N, 1, 28, 28)
     pad = (32 - x.shape[-1]) // 2
     x = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)  # background is black (-1)
@@ -82,8 +79,7 @@ def main():
     args = ap.parse_args()
     for split in ("train", "test"):
         x, y = load(split, args.data_dir)
-        print(f"{split}: images {tuple(x.shape)} in [{x.min():.1f}, {x.max():.1f}], "
-              f"labels per class {torch.bincount(y, minlength=10).tolist()}")
+        print(f"{split}: images {tuple(x.shape)} in [{x.min():.1f}, {x.max():.1f}], labels per class {torch.bincount(y, minlength=10).tolist()}")
 
 
 if __name__ == "__main__":

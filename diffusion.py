@@ -245,23 +245,18 @@ def lesson_image(data_dir=None):
 
 
 def main():
-    ap = common.Parser(description="Lesson: a real image noised by q_sample at several t, the "
-                                   "schedule's "
-                                             "ᾱ_t and signal-to-noise ratio, and a respaced set of "
-                                             "timesteps.")
+    ap = common.Parser(description="Lesson: a real image noised by q_sample at several t, the schedule's ᾱ_t and signal-to-noise ratio, and a respaced set of timesteps.")
     ap.add_argument("--steps", type=int, default=50, help="sampling steps to respace to")
     ap.add_argument("--out", default="runs/lessons/noising.png", help="the PNG strip of x_t")
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: Debian's)")
     args = ap.parse_args()
     d = Diffusion.make()
-    print(f"betas {d.betas[0]:.2e} -> {d.betas[-1]:.2e}; alpha_bar {d.alphas_cumprod[0]:.6f} -> "
-          f"{d.alphas_cumprod[-1]:.3e}")
+    print(f"betas {d.betas[0]:.2e} -> {d.betas[-1]:.2e}; alpha_bar {d.alphas_cumprod[0]:.6f} -> {d.alphas_cumprod[-1]:.3e}")
     x0, src = lesson_image(args.data_dir)
     ts = [0, 50, 100, 250, 500, 750, 999]
     eps = torch.randn(len(ts), *x0.shape[1:], generator=torch.Generator().manual_seed(0))
     xt = d.q_sample(x0.expand(len(ts), -1, -1, -1), torch.tensor(ts), eps)  # (len(ts), C, H, W)
-    print(f"x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε of {src}:\n{'t':>5s} {'ᾱ_t':>9s} {'SNR (dB)':>9s} "
-          f"{'corr(x_t, x0)':>14s}")
+    print(f"x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε of {src}:\n{'t':>5s} {'ᾱ_t':>9s} {'SNR (dB)':>9s} {'corr(x_t, x0)':>14s}")
     for i, t in enumerate(ts):
         a = d.alphas_cumprod[t]
         corr = torch.corrcoef(torch.stack([xt[i].flatten(), x0[0].flatten()]))[0, 1]
@@ -271,8 +266,7 @@ def main():
     img = Image.fromarray(data.to_uint8(strip[None])[0, ..., 0].numpy())
     common.save_image(img.resize((img.width * 4, img.height * 4), Image.NEAREST), args.out)
     r = d.respace(args.steps)
-    print(f"wrote {args.out} (t = {ts}); respaced to {r.num_timesteps} steps: "
-          f"t = {r.timestep_map[:5].tolist()} ... {r.timestep_map[-3:].tolist()}")
+    print(f"wrote {args.out} (t = {ts}); respaced to {r.num_timesteps} steps: t = {r.timestep_map[:5].tolist()} ... {r.timestep_map[-3:].tolist()}")
 
 if __name__ == "__main__":
     common.run_cli(main)

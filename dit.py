@@ -369,9 +369,7 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise ValueError(f"{path} is not a dit4bit checkpoint (needs 'model' and 'config' entries)")
     if "recipe" in ckpt:
-        raise ValueError(f"{path} holds an already-quantized model "
-                         f"({ckpt['recipe'].get('method')}); "
-                         f"pass the full-precision checkpoint")
+        raise ValueError(f"{path} holds an already-quantized model ({ckpt['recipe'].get('method')}); pass the full-precision checkpoint")
     cfg = dict(ckpt["config"])
     model = build(cfg["model"], **{k: v for k, v in cfg.items() if k != "model"})
     common.check_finite(ckpt["model"], path)
@@ -384,8 +382,7 @@ def count_params(model):
 
 
 def main():
-    ap = common.Parser(description="Print every DiT config's parameter count and the tiny model's "
-                                   "summary.")
+    ap = common.Parser(description="Print every DiT config's parameter count and the tiny model's summary.")
     ap.add_argument("--model", default=None, help="only this config")
     args = ap.parse_args()
     names = [args.model] if args.model else list(DiT_models)
@@ -396,8 +393,7 @@ def main():
         with torch.device("meta"):  # no memory or init cost, shapes only
             m = build(name)
         blk = m.blocks[0]
-        print(f"{name:10s} {count_params(m):14,d} {len(m.blocks):5d} {blk.attn.qkv.in_features:5d} "
-              f"{m.num_heads:5d} {m.patch_size:5d}")
+        print(f"{name:10s} {count_params(m):14,d} {len(m.blocks):5d} {blk.attn.qkv.in_features:5d} {m.num_heads:5d} {m.patch_size:5d}")
     shape_walk()
 
 
@@ -408,9 +404,7 @@ def shape_walk(path=DEFAULT_CKPT):
     m = load_checkpoint(path)[0] if os.path.exists(path) else build(TINY)
     src = path if os.path.exists(path) else "random init"
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([999, 500]), torch.tensor([0, 9])
-    print(f"\n{TINY} ({src}): {count_params(m):,d} params, {m.x_embedder.num_patches} tokens of "
-          f"width "
-          f"{m.pos_embed.shape[-1]}; one forward, batch 2:")
+    print(f"\n{TINY} ({src}): {count_params(m):,d} params, {m.x_embedder.num_patches} tokens of width {m.pos_embed.shape[-1]}; one forward, batch 2:")
     h = m.x_embedder(x) + m.pos_embed  # (N, T, D)
     c = m.t_embedder(t) + m.y_embedder(y, False)  # (N, D): the condition every block's adaLN reads
     rows = [("input x_t", x), ("patchify + pos-embed", h), ("timestep + class embedding c", c),

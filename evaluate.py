@@ -202,16 +202,12 @@ def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLAS
     return metrics, images, labels
 
 
-HEADER = ("| model | path | CFG | n | FD ↓ (± s.e.) | class acc % ↑ | precision ↑ | recall ↑ | "
-          "PSNR vs FP (dB) | "
-          "calib (s) | sampling (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | path | CFG | n | FD ↓ (± s.e.) | class acc % ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | calib (s) | sampling (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(name, path, cfg_scale, m, calib="-"):
     ps = f"{m['psnr']:.2f}" if "psnr" in m else "-"
-    return (f"| {name} | {path} | {cfg_scale:g} | {m['n']} | {m['fd']:.2f} ± {m['fd_se']:.2f} | "
-            f"{100 * m['acc']:.1f} | "
-            f"{m['precision']:.3f} | {m['recall']:.3f} | {ps} | {calib} | {m['sample_s']:.0f} |")
+    return (f"| {name} | {path} | {cfg_scale:g} | {m['n']} | {m['fd']:.2f} ± {m['fd_se']:.2f} | {100 * m['acc']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | {ps} | {calib} | {m['sample_s']:.0f} |")
 
 
 def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
@@ -322,14 +318,12 @@ def parse_list(text, kind, allowed=None, cast=str):
 
 
 def main(argv=None):
-    ap = common.Parser(description="Score generated Fashion-MNIST samples with our classifier's "
-                                   "features.")
+    ap = common.Parser(description="Score generated Fashion-MNIST samples with our classifier's features.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     shared = common.Parser(add_help=False)
     shared.add_argument("--ckpt", default=DEFAULT_CKPT, help="FP DiT checkpoint")
     shared.add_argument("--n", "--samples", dest="n", type=common.number(int, 4), default=None,
-                        help="samples per row (table: 100, the fast screen; else 1000); under "
-                             "torchrun write --samples: torchrun's own parser swallows --n")
+                        help="samples per row (table: 100, the fast screen; else 1000); under torchrun write --samples: torchrun's own parser swallows --n")
     shared.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="DDIM steps")
     shared.add_argument("--seed", type=common.number(int, 0), default=0,
                         help="noise seed (the rows share it)")
@@ -338,8 +332,7 @@ def main(argv=None):
                         help="cpu or cuda (sampling; the classifier runs on the CPU)")
     t = sub.add_parser("table", parents=[shared],
                        help="FP and quantized rows at each CFG scale, same noise")
-    t.add_argument("--cfg", default="1.5", help="CFG scales, comma-separated (1.5: the papers' "
-                   "metric; 4.0: the main job's pictures)")
+    t.add_argument("--cfg", default="1.5", help="CFG scales, comma-separated (1.5: the papers' metric; 4.0: the main job's pictures)")
     t.add_argument("--settings", default="w8a8,w4a8,w4a4,w4a3", help="bit settings")
     t.add_argument("--methods", default="rtn,smoothquant,hadamard,hadanorm,ditas",
                    help="PTQ recipes (see calibrate.py; METHOD+a8[:SHARE] for mixed precision)")
@@ -348,8 +341,7 @@ def main(argv=None):
     t.add_argument("--simulate", action="store_true",
                    help="calibrated rows in fake-quant simulation instead of the integer path")
     t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                   help="torch.compile the integer rows (as sample.py; auto: where a C++ compiler "
-                        "is present)")
+                   help="torch.compile the integer rows (as sample.py; auto: where a C++ compiler is present)")
     t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
     f = sub.add_parser("fp", parents=[shared], help="the FP model alone")
     f.add_argument("--cfg", type=common.number(float, 0, 100), default=1.5, help="CFG scale")
@@ -361,13 +353,11 @@ def main(argv=None):
                        help="train the classifier and save it with test stats")
     c.add_argument("--epochs", type=common.POSITIVE, default=6)
     c.add_argument("--data-dir", default=None)
-    c.add_argument("--out", required=True, help=f"the classifier file to write (the shipped one, "
-                   f"{CLASSIFIER}, only with --force)")
+    c.add_argument("--out", required=True, help=f"the classifier file to write (the shipped one, {CLASSIFIER}, only with --force)")
     c.add_argument("--force", action="store_true", help="let --out replace the shipped classifier")
     for p in (sub.choices["floor"], sub.choices["npz"]):
         p.add_argument("--data-dir", default=None)
-    pl = sub.add_parser("plot", help="PNG of FD against the mixed-precision budget, from the "
-                        "markdown of `table --out` (rows METHOD and METHOD+a8[:SHARE], FP)")
+    pl = sub.add_parser("plot", help="PNG of FD against the mixed-precision budget, from the markdown of `table --out` (rows METHOD and METHOD+a8[:SHARE], FP)")
     pl.add_argument("tables", nargs="+")
     pl.add_argument("--out", required=True, help="the PNG to write")
     args = ap.parse_args(argv)
@@ -384,15 +374,13 @@ def main(argv=None):
     if args.n is None:
         args.n = 100 if args.cmd == "table" else 1000
     if args.n < 4:
-        raise ValueError(f"--n must be at least 4 (precision/recall's 3-nearest neighbours), got "
-                         f"{args.n}")
+        raise ValueError(f"--n must be at least 4 (precision/recall's 3-nearest neighbours), got {args.n}")
 
     if args.cmd == "train-classifier":
         t0 = time.time()
         clf, acc = train_classifier(args.epochs, args.seed, args.data_dir)
         save_classifier(clf, acc, args.out, args.data_dir)
-        print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs "
-              f"({time.time() - t0:.0f} s) -> {args.out}")
+        print(f"classifier: test accuracy {100 * acc:.2f}% after {args.epochs} epochs ({time.time() - t0:.0f} s) -> {args.out}")
         return
     if args.cmd == "table":
         cfgs = parse_list(args.cfg, "CFG scale", cast=float)
@@ -421,12 +409,10 @@ def main(argv=None):
             z = np.load(args.path, allow_pickle=False)
             arr, labels = z["arr_0"], z["labels"]
         except (OSError, ValueError, KeyError, EOFError, TypeError):
-            raise ValueError(f"{args.path} is not an npz of sample.py --npz (arr_0 uint8 NHWC and "
-                             f"labels)") from None
+            raise ValueError(f"{args.path} is not an npz of sample.py --npz (arr_0 uint8 NHWC and labels)") from None
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[3] not in (1, 3) or labels.shape != arr.shape[:1] \
                 or len(arr) < 4:
-            raise ValueError(f"{args.path}: arr_0 {arr.dtype} {arr.shape} with labels "
-                             f"{labels.shape}; wanted uint8 (N >= 4, H, W, 1 or 3) and N labels")
+            raise ValueError(f"{args.path}: arr_0 {arr.dtype} {arr.shape} with labels {labels.shape}; wanted uint8 (N >= 4, H, W, 1 or 3) and N labels")
         z = {"arr_0": arr, "labels": labels}
         x = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2).float() / 127.5 - 1
         print(row(args.path, "-", 0,

@@ -92,8 +92,7 @@ def split(n):
 
 def _unsupported(n):
     blk = max(b for b in range(1, n + 1) if n % b == 0 and split(b) is not None)
-    return ValueError(f"no Hadamard construction for size {n}; use a block-diagonal Hadamard "
-                      f"(block={blk} is the largest supported block dividing {n})")
+    return ValueError(f"no Hadamard construction for size {n}; use a block-diagonal Hadamard (block={blk} is the largest supported block dividing {n})")
 
 
 def hadamard_matrix(n, dtype=torch.float32):
@@ -208,15 +207,12 @@ def main():
     y = transform(x)
     dt = time.perf_counter() - t0
     K, m = split(n)
-    print(f"width {n} = {K}·{m}; transform of ({args.tokens}, {n}) in {1e3 * dt:.2f} ms; "
-          f"round-trip error {(transform(y, inverse=True) - x).abs().max():.1e}")
+    print(f"width {n} = {K}·{m}; transform of ({args.tokens}, {n}) in {1e3 * dt:.2f} ms; round-trip error {(transform(y, inverse=True) - x).abs().max():.1e}")
     print(f"{'':12s} {'max/RMS':>8s} {'kurtosis':>9s} {'4-bit rel. error':>17s}")
     for name, v, back in (("raw", x, x), ("Hadamard", y, None)):
         q = fake_quant_tokens(v)
         err = q - v if back is not None else transform(q, inverse=True) - x  # error in x's space
-        print(f"{name:12s} {(v.abs().max() / v.pow(2).mean().sqrt()).item():8.1f} "
-              f"{kurtosis(v):9.1f} "
-              f"{(err.pow(2).sum() / x.pow(2).sum()).item():17.4f}")
+        print(f"{name:12s} {(v.abs().max() / v.pow(2).mean().sqrt()).item():8.1f} {kurtosis(v):9.1f} {(err.pow(2).sum() / x.pow(2).sum()).item():17.4f}")
 
 
 if __name__ == "__main__":

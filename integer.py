@@ -39,8 +39,7 @@ class IntLinear(nn.Module):
                  clip_buckets=0, static_buckets=0):
         super().__init__()
         if hadamard == "single" and a_bits > 4:
-            raise ValueError("the integer form of HQ-DM's single Hadamard needs activations of at "
-                             "most 4 bits (16 q must fit int8); run it with --simulate")
+            raise ValueError("the integer form of HQ-DM's single Hadamard needs activations of at most 4 bits (16 q must fit int8); run it with --simulate")
         self.in_features, self.out_features, self.w_bits, self.a_bits = (in_features, out_features,
                                                                          w_bits, a_bits)
         self.center, self.hadamard, self.block = center, hadamard, block
@@ -77,8 +76,7 @@ class IntLinear(nn.Module):
             d0 = torch.remainder(R + 8, 16) - 8
             d1 = (R - d0) // 16
             if d1.abs().max() > 127:
-                raise ValueError(f"a single-Hadamard block of {b} is too wide for the int8 split "
-                                 f"(|W_int H| > 2047): use a block of at most 128")
+                raise ValueError(f"a single-Hadamard block of {b} is too wide for the int8 split (|W_int H| > 2047): use a block of at most 128")
             codes, step = torch.cat([d0, d1], dim=1).to(torch.int8), step / b ** 0.5
         self.register_buffer("w_t", codes.t().contiguous(), persistent=False)  # (K', N) int8
         hk, hm = hadamard.kron_factors(self.block or self.in_features) if self.hadamard != "none" \
@@ -130,8 +128,7 @@ class IntLinear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self):
-        return (f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits} integer, "
-                f"center={self.center}, hadamard={self.hadamard}")
+        return (f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits} integer, center={self.center}, hadamard={self.hadamard}")
 
 
 def from_quant(q):
@@ -140,8 +137,7 @@ def from_quant(q):
     wq, aq = q.wq, q.aq
     if wq is None or aq is None or not (wq.symmetric and aq.symmetric) or wq.granularity != "row" \
             or (aq.dynamic and (aq.granularity != "row" or aq.range != "minmax")):
-        raise ValueError("the integer path needs symmetric per-channel weights and symmetric "
-                         "activations: dynamic per-token min-max, or static per timestep bucket")
+        raise ValueError("the integer path needs symmetric per-channel weights and symmetric activations: dynamic per-token min-max, or static per timestep bucket")
     scale = None if q.input_prescaled else q.channel_scale  # DiTAS: x / s is in the producer
     state = {"w_scale": q.w_scale, "bias": q.bias, "channel_scale": scale, "signs": q.signs,
              "mu_static": q.mu_static, "a_clip": q.a_clip, "a_scale": q.a_scale,
@@ -200,8 +196,7 @@ def load_quantized(path):
     """Rebuilds a quantized model saved by `save_quantized` (no calibration needed)."""
     ck = common.load_file(path, "quantized checkpoint")
     if not isinstance(ck, dict) or "recipe" not in ck or "model" not in ck or "config" not in ck:
-        raise ValueError(f"{path} is not a quantized dit4bit checkpoint (needs config, recipe and "
-                         f"model)")
+        raise ValueError(f"{path} is not a quantized dit4bit checkpoint (needs config, recipe and model)")
     common.check_finite(ck["model"], path)
     cfg = dict(ck["config"])
     try:
@@ -224,8 +219,7 @@ def load_quantized(path):
     for k, v in own.items():  # a corrupted packed tensor fails here, not in a matmul
         if k in sd and (sd[k].dtype in (torch.uint8, torch.int8) or v.dtype in (torch.uint8, torch.int8)) \
                 and (sd[k].dtype != v.dtype or sd[k].shape != v.shape):
-            raise ValueError(f"{path}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, expected "
-                             f"{v.dtype} {tuple(v.shape)}")
+            raise ValueError(f"{path}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, expected {v.dtype} {tuple(v.shape)}")
     dit.load_state_dict_checked(model, sd, path)  # IntLinear re-derives its GEMM operands on load
     return model.eval(), cfg, recipe
 
@@ -235,8 +229,7 @@ def load_quantized(path):
 #################################################################################
 
 def main():
-    ap = common.Parser(description="Lesson: one W4A4 HadaNorm layer of the shipped model, "
-                       "simulated and on integers.")
+    ap = common.Parser(description="Lesson: one W4A4 HadaNorm layer of the shipped model, simulated and on integers.")
     ap.add_argument("--layer", default="blocks.3.mlp.fc1", help="which quantized layer")
     ap.add_argument("--n", type=int, default=8, help="images sampled to collect its real inputs")
     args = ap.parse_args()
@@ -244,8 +237,7 @@ def main():
         raise ValueError("--n must be positive")
     name = args.layer.split(".", 2)
     if len(name) != 3 or name[2] not in quant.QUANT_LAYERS or not name[1].isdigit():
-        raise ValueError(f"--layer takes blocks.I.{{{','.join(quant.QUANT_LAYERS)}}}, got "
-                         f"{args.layer!r}")
+        raise ValueError(f"--layer takes blocks.I.{{{','.join(quant.QUANT_LAYERS)}}}, got {args.layer!r}")
     # (1, tokens, K): real inputs
     x = quant.lesson_activations(args.n, 10, int(name[1]))[name[2]].unsqueeze(0)
     lin = dit.load_checkpoint(dit.DEFAULT_CKPT)[0].get_submodule(args.layer)
@@ -260,15 +252,11 @@ def main():
         codes_sim = quant.quantize(xt.reshape(-1, lin.in_features), sim.aq)[0]
         codes_int = iq.codes(xt, quant.act_step(xt, 4))
     N, K = lin.weight.shape
-    print(f"{args.layer} ({K} -> {N}), W4A4 HadaNorm, on {x.shape[0] * 64} real input tokens of "
-          f"{dit.DEFAULT_CKPT}:")
-    print(f"  activation codes equal to the simulation's: "
-          f"{100 * (codes_int == codes_sim).float().mean():.2f}%")
+    print(f"{args.layer} ({K} -> {N}), W4A4 HadaNorm, on {x.shape[0] * 64} real input tokens of {dit.DEFAULT_CKPT}:")
+    print(f"  activation codes equal to the simulation's: {100 * (codes_int == codes_sim).float().mean():.2f}%")
     rel = ((y_int - y_sim).abs().max() / y_sim.abs().max()).item()
     print(f"  output, max |integer - simulated| / max |simulated|: {rel:.1e} (float rounding)")
-    print(f"  weight bytes: fp32 {4 * N * K:,d}; stored packed {iq.w_int.numel() + 4 * N:,d} "
-          f"({4 * N * K / (iq.w_int.numel() + 4 * N):.1f}x smaller); resident int8 codes "
-          f"{iq.w_t.numel():,d}")
+    print(f"  weight bytes: fp32 {4 * N * K:,d}; stored packed {iq.w_int.numel() + 4 * N:,d} ({4 * N * K / (iq.w_int.numel() + 4 * N):.1f}x smaller); resident int8 codes {iq.w_t.numel():,d}")
     # the real batch of `python sample.py`: 80 images x 2 (CFG) x 64 tokens
     xb = torch.randn(10240 // 64, 64, K)
     lin16 = nn.Linear(K, N).bfloat16()

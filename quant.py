@@ -58,11 +58,9 @@ class QConfig:
         if self.range not in ("minmax", "mse"):
             raise ValueError(f"unknown range method {self.range!r}")
         if not self.dynamic and not (self.symmetric and self.granularity == "tensor"):
-            raise ValueError("static activation scales are symmetric and per tensor (per timestep "
-                             "bucket)")
+            raise ValueError("static activation scales are symmetric and per tensor (per timestep bucket)")
         if self.clip and not (self.dynamic and self.symmetric and self.granularity == "row"):
-            raise ValueError("a learnable clipping ratio is for dynamic symmetric per-token "
-                             "activations")
+            raise ValueError("a learnable clipping ratio is for dynamic symmetric per-token activations")
 
 
 def levels(cfg):
@@ -368,8 +366,7 @@ class Recipe:
 
     def __post_init__(self):
         if self.center not in CENTER or self.hadamard not in HADAMARD:
-            raise ValueError(f"recipe {self.method!r}: center is one of {CENTER} and hadamard one "
-                             f"of {HADAMARD}, got {self.center!r} and {self.hadamard!r}")
+            raise ValueError(f"recipe {self.method!r}: center is one of {CENTER} and hadamard one of {HADAMARD}, got {self.center!r} and {self.hadamard!r}")
         if self.center == "static" and not self.means:
             raise ValueError(f"recipe {self.method!r}: static centring needs calibrated means")
         if min(self.lora_rank, self.lowrank, self.lora_iters) < 0 or (self.block or 1) < 1:
@@ -446,24 +443,20 @@ def lesson_activations(n=8, steps=10, block=3):
 
 
 def main():
-    ap = common.Parser(description="Lesson: activation quantization error (SQNR, dB) of the "
-                       "shipped model's real activations at 8/4/3 bits, per tensor vs per token "
-                       "vs per group.")
+    ap = common.Parser(description="Lesson: activation quantization error (SQNR, dB) of the shipped model's real activations at 8/4/3 bits, per tensor vs per token vs per group.")
     ap.add_argument("--n", type=common.POSITIVE, default=8, help="images sampled to collect activations")
     ap.add_argument("--steps", type=common.POSITIVE, default=10, help="DDIM steps")
     ap.add_argument("--block", type=common.number(int, 0), default=3)
     args = ap.parse_args()
     acts = lesson_activations(args.n, args.steps, args.block)
-    print(f"SQNR (dB, higher is better) of Q(x) for the inputs x of block {args.block}'s linears, "
-          f"{args.n} images x {args.steps} DDIM steps of {dit.DEFAULT_CKPT}:")
+    print(f"SQNR (dB, higher is better) of Q(x) for the inputs x of block {args.block}'s linears, {args.n} images x {args.steps} DDIM steps of {dit.DEFAULT_CKPT}:")
     print(f"{'bits':>4s} {'granularity':16s}" + "".join(f"{k:>10s}" for k in acts))
     for bits in (8, 4, 3):
         for g, kw in (("per tensor", dict(granularity="tensor")), ("per token", {}),
                       ("per group of 32", dict(granularity="group", group_size=32))):
             row = [sqnr(x, fake_quant(x, QConfig(bits, **kw))) for x in acts.values()]
             print(f"{bits:4d} {g:16s}" + "".join(f"{v:10.2f}" for v in row))
-    print("each bit is worth ~6 dB; finer scales help most where a few channels or tokens are "
-          "outliers")
+    print("each bit is worth ~6 dB; finer scales help most where a few channels or tokens are outliers")
 
 if __name__ == "__main__":
     common.run_cli(main)

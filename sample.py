@@ -34,11 +34,10 @@ from diffusion import Diffusion, class_labels, guided, make_noise
 DEFAULT_CKPT = dit.DEFAULT_CKPT
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
 QAT = "hqdm"  # a trained checkpoint (qat.py --out), never made on the fly
-# the best PTQ recipe per setting, and where a trained QAT checkpoint beats it (docs/results.md: n =
-# 1000 FD)
+# the best recipe per setting (docs/results.md: n = 1000 FD); QAT is the default nowhere: the
+# SVDQuant-HadaNorm PTQ models beat the QAT checkpoints at n = 1000, CFG 4.0
 BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "svdquant-hadanorm",
                "w4a3": "svdquant-hadanorm"}
-BEST_QAT = ()  # no setting: SVDQuant-HadaNorm beat the QAT checkpoints at n = 1000, CFG 4.0
 
 
 #################################################################################
@@ -161,8 +160,7 @@ def parse_classes(text, num_classes):
         raise ValueError(f"--classes takes comma-separated class ids, got {text!r}") from None
     bad = [c for c in classes if not 0 <= c < num_classes]
     if not classes or bad:
-        raise ValueError(f"unknown class id(s) {bad or text!r}: this model has classes "
-                         f"0..{num_classes - 1}")
+        raise ValueError(f"unknown class id(s) {bad or text!r}: this model has classes 0..{num_classes - 1}")
     return classes
 
 
@@ -177,8 +175,7 @@ def method_name(text):
 
 
 def get_args(argv=None):
-    ap = common.Parser(description="Sample a labelled grid of Fashion-MNIST garments from the "
-                                   "shipped DiT.")
+    ap = common.Parser(description="Sample a labelled grid of Fashion-MNIST garments from the shipped DiT.")
     ap.add_argument("--ckpt", default=DEFAULT_CKPT,
                     help=f"model checkpoint (default {DEFAULT_CKPT})")
     ap.add_argument("--model", default=None,
@@ -186,9 +183,7 @@ def get_args(argv=None):
     ap.add_argument("--n", type=common.POSITIVE, default=80,
                     help="number of images, spread evenly over --classes")
     ap.add_argument("--classes", default=None, help="comma-separated class ids (default: all)")
-    ap.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="sampling steps "
-                                                                                  "(respaced from "
-                                                                                  "1000)")
+    ap.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="sampling steps (respaced from 1000)")
     ap.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     ap.add_argument("--eta", type=common.number(float, 0, 1), default=0.0,
                     help="DDIM η (0 = deterministic)")
@@ -201,30 +196,21 @@ def get_args(argv=None):
     q = ap.add_mutually_exclusive_group()
     for name, (wb, ab) in SETTINGS.items():
         q.add_argument(f"--{name}", dest="bits", action="store_const", const=name,
-                       help=f"{wb}-bit weights, {ab}-bit activations (default recipe: "
-                       + (f"{QAT} where its checkpoint is beside --ckpt, else " if name in BEST_QAT else "")
-                       + f"{BEST_METHOD[name]})")
+                       help=f"{wb}-bit weights, {ab}-bit activations (default recipe: {BEST_METHOD[name]})")
     ap.add_argument("--method", default=None, type=method_name,
-                    help=f"PTQ recipe for the bit setting ({', '.join(calibrate.METHODS)}, each "
-                         f"optionally +a8[:SHARE]), or {QAT}: the qat.py checkpoint beside --ckpt")
-    ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the "
-                    "cached one beside --ckpt (created by calibrating on the first run)")
+                    help=f"PTQ recipe for the bit setting ({', '.join(calibrate.METHODS)}, each optionally +a8[:SHARE]), or {QAT}: the qat.py checkpoint beside --ckpt")
+    ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the cached one beside --ckpt (created by calibrating on the first run)")
     ap.add_argument("--simulate", action="store_true",
                     help="fake-quant float simulation instead of the integer path")
     ap.add_argument("--compare-fp", action="store_true",
                     help="also sample the FP model from the same noise; report PSNR")
     ap.add_argument("--image-size", type=common.number(int, 8, 4096), default=None,
-                    help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; "
-                         "needs --vae")
+                    help="official DiT checkpoint (ImageNet latents): its image size, 256 or 512; needs --vae")
     ap.add_argument("--vae", default=None,
                     help="SD-VAE decoder file (diffusers diffusion_pytorch_model.bin)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                    help="torch.compile the model (auto: on for the integer path where a C++ "
-                         "compiler is present, "
-                    "off for full precision, the plain reference); compile time is reported apart")
-    ap.add_argument("--bf16", action="store_true", help="run the float parts (embedders, adaLN, "
-                                                        "norms, attention, "
-                    "final layer; all of it for full precision) in bfloat16")
+                    help="torch.compile the model (auto: on for the integer path where a C++ compiler is present, off for full precision, the plain reference); compile time is reported apart")
+    ap.add_argument("--bf16", action="store_true", help="run the float parts (embedders, adaLN, norms, attention, final layer; all of it for full precision) in bfloat16")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     return ap.parse_args(argv)
 
@@ -237,8 +223,7 @@ def load_official_model(args):
     decoder."""
     import vae as vae_lib
     if not args.vae:
-        raise ValueError("an official DiT samples latents: --vae PATH (sd-vae-ft-mse/-ema decoder) "
-                         "is needed")
+        raise ValueError("an official DiT samples latents: --vae PATH (sd-vae-ft-mse/-ema decoder) is needed")
     name = args.model or "DiT-XL/2"
     model = dit.load_official(args.ckpt, name, args.image_size or 256)
     decoder = vae_lib.load_vae(args.vae)
@@ -272,19 +257,6 @@ def made_from(path, ckpt):
     return isinstance(calib, dict) and calib.get("fp_sha256") == common.file_sha256(ckpt)
 
 
-def default_method(args):
-    """--method, else the trained QAT checkpoint beside --ckpt where QAT measured best (and that
-    file exists and was made from this FP file), else the best PTQ recipe, calibrated on first
-    use."""
-    if args.method or not args.bits:
-        return args.method
-    qat_path = quantized_path(args.ckpt, args.bits, QAT)
-    if args.bits in BEST_QAT and not (args.simulate or args.qckpt) and os.path.exists(qat_path) \
-            and os.path.exists(args.ckpt) and made_from(qat_path, args.ckpt):
-        return QAT
-    return BEST_METHOD[args.bits]
-
-
 def load_model(args):
     """-> (model, config, description): FP; a quantized checkpoint (integer path); or FP quantized
     now."""
@@ -293,12 +265,11 @@ def load_model(args):
     if args.simulate and not args.bits:
         raise ValueError("--simulate needs a bit setting (--w8a8, --w4a8, --w4a4 or --w4a3)")
     if args.qckpt and args.simulate:
-        raise ValueError("--simulate calibrates from the FP checkpoint; a packed --qckpt has no "
-                         "float weights or calibration statistics to simulate from")
+        raise ValueError("--simulate calibrates from the FP checkpoint; a packed --qckpt has no float weights or calibration statistics to simulate from")
     if not args.bits and not args.qckpt:
         model, cfg = dit.load_checkpoint(args.ckpt)
         return model, cfg, "fp32"
-    method = default_method(args)
+    method = args.method or BEST_METHOD[args.bits]
     path = args.qckpt or quantized_path(args.ckpt, args.bits, method)
     stale = False
     # cache made from this FP file?
@@ -307,9 +278,7 @@ def load_model(args):
     if method == QAT and not args.qckpt and (args.simulate or stale or not os.path.exists(path)):
         why = "--simulate needs float weights" if args.simulate else (
             "is unreadable or was trained from another FP file" if stale else "does not exist")
-        raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py "
-                         f"train --ckpt {args.ckpt} --wbits {SETTINGS[args.bits][0]} --abits "
-                         f"{SETTINGS[args.bits][1]} --out {path}")
+        raise ValueError(f"{path} {why}: QAT checkpoints come from training, e.g. python qat.py train --ckpt {args.ckpt} --wbits {SETTINGS[args.bits][0]} --abits {SETTINGS[args.bits][1]} --out {path}")
     if not args.simulate and os.path.exists(path) and stale and not args.qckpt:
         print(f"warning: {path} is unreadable or was made from another FP file; calibrating it anew",
               file=sys.stderr)
@@ -397,11 +366,7 @@ def main(argv=None):
     size = save_grid(images, labels, args.out, names=data.CLASSES if decoder is None else [])
     if args.npz:
         save_npz(images, labels, args.npz)
-    print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | "
-          f"{args.sampler} "
-          f"{args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s "
-          f"({how}), "
-          f"total {time.time() - t0:.1f} s" + cmp + (f" | npz {args.npz}" if args.npz else ""))
+    print(f"{args.out}: {args.n} images ({size[0]}x{size[1]} grid) from {cfg['model']} {desc} | {args.sampler} {args.steps} steps, cfg {args.cfg_scale}, seed {args.seed} | sampling {t2 - t1:.1f} s ({how}), total {time.time() - t0:.1f} s" + cmp + (f" | npz {args.npz}" if args.npz else ""))
 
 
 if __name__ == "__main__":

@@ -29,8 +29,7 @@ from diffusion import Diffusion
 
 
 def get_args(argv=None):
-    ap = common.Parser(description="Train the tiny DiT on Fashion-MNIST; resumable, atomic "
-                                   "checkpoints.")
+    ap = common.Parser(description="Train the tiny DiT on Fashion-MNIST; resumable, atomic checkpoints.")
     ap.add_argument("--model", default=dit.TINY, help=f"config name (default {dit.TINY})")
     ap.add_argument("--iters", type=common.POSITIVE, default=20000, help="total optimizer steps")
     ap.add_argument("--batch-size", type=common.POSITIVE, default=128)
@@ -114,8 +113,7 @@ def resume(args, state_path, model, ema, opt, gen, rank=0):
     clash = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in FIXED
              if old.get(k) != getattr(args, k)]
     if clash:
-        raise ValueError(f"--resume: {state_path} was trained with {', '.join(clash)}; resume "
-                         "with the same values or start a new --run-dir")
+        raise ValueError(f"--resume: {state_path} was trained with {', '.join(clash)}; resume with the same values or start a new --run-dir")
     dit.load_state_dict_checked(model, st["model"], state_path)
     dit.load_state_dict_checked(ema, st["ema"], state_path)
     opt.load_state_dict(st["opt"])
@@ -124,8 +122,7 @@ def resume(args, state_path, model, ema, opt, gen, rank=0):
     gen.set_state(st["data_rng"])
     changed = [k for k in ("lr", "ema_decay", "iters") if old.get(k) != getattr(args, k)]
     if changed and rank == 0:
-        print("resuming with " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (was "
-                                           f"{old.get(k)})" for k in changed), file=sys.stderr)
+        print("resuming with " + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (was {old.get(k)})" for k in changed), file=sys.stderr)
     trim_log(os.path.join(args.run_dir, "log.jsonl"), st["step"])
     return st["step"]
 
@@ -175,8 +172,7 @@ def train(args, on_step=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
             loss = diffusion.loss(net, x, y, t, noise)
         if not torch.isfinite(loss):
-            raise ValueError(f"step {step}: the loss is {loss.item()}; stopped, the last state in "
-                             f"{args.run_dir} is kept (try a lower --lr, or no --bf16)")
+            raise ValueError(f"step {step}: the loss is {loss.item()}; stopped, the last state in {args.run_dir} is kept (try a lower --lr, or no --bf16)")
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients: the global batch's mean, as one process
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -217,10 +213,7 @@ def main(argv=None):
     losses = train(args)
     n = len(losses)
     if n and int(os.environ.get("RANK", 0)) == 0:
-        print(f"trained {n} steps in {time.time() - t0:.0f} s ({n / (time.time() - t0):.2f} "
-              f"steps/s); "
-              f"last-100 mean loss {sum(losses[-100:]) / len(losses[-100:]):.4f}; state in "
-              f"{args.run_dir}"
+        print(f"trained {n} steps in {time.time() - t0:.0f} s ({n / (time.time() - t0):.2f} steps/s); last-100 mean loss {sum(losses[-100:]) / len(losses[-100:]):.4f}; state in {args.run_dir}"
               + (f"; EMA written to {args.out}" if args.out else ""))
 
 

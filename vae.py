@@ -149,8 +149,7 @@ def main():
     vae = load_vae(args.vae)
     z = torch.randn(1, 4, args.size, args.size)
     x = vae.decode(z * LATENT_SCALE)
-    print(f"latent {tuple(z.shape)} -> image {tuple(x.shape)} in [{x.min():.2f}, {x.max():.2f}]; "
-          f"{sum(p.numel() for p in vae.parameters()):,d} decoder parameters")
+    print(f"latent {tuple(z.shape)} -> image {tuple(x.shape)} in [{x.min():.2f}, {x.max():.2f}]; {sum(p.numel() for p in vae.parameters()):,d} decoder parameters")
 
 
 if __name__ == "__main__":

@@ -22,14 +22,22 @@ def test_eight_to_twelve_exercises_each_graded_by_an_existing_test():
             assert f"def {func.split('[')[0]}(" in open(os.path.join(ROOT, file)).read(), t
 
 
+def test_each_exercise_has_focused_tests_that_its_removal_fails():
+    """`pytest -k NAME` selects tests named after the exercise; each is one the measured record says
+    fails when the exercise alone is removed (it really grades it)."""
+    for name in EX:
+        mine = assignments.focused(name)
+        assert mine, f"no test is named after exercise {name}"
+        measured = {t.split("[")[0] for t in MAP[name]}
+        assert set(mine) <= measured, (name, sorted(set(mine) - measured))
+
+
 def test_strip_keeps_the_markers_and_raises_the_task(tmp_path):
     src = "def f(x):\n    # exercise sq: return x squared\n    y = x * x\n    return y\n    # end exercise sq\n"
     (tmp_path / "m.py").write_text(src)
     ex = assignments.find_exercises(str(tmp_path))
     out = assignments.strip(src, ex["sq"]["regions"])
-    assert out == ('def f(x):\n    # exercise sq: return x squared\n'
-                   '    raise NotImplementedError("exercise sq: return x squared")\n    # end '
-                   'exercise sq\n')
+    assert out == ('def f(x):\n    # exercise sq: return x squared\n    raise NotImplementedError("exercise sq: return x squared")\n    # end exercise sq\n')
 
 
 @pytest.mark.parametrize("src, msg", [
@@ -71,25 +79,28 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, msg):
 
 
 def failures(out_dir, only=None):
-    """Writes a hand-out (all exercises, or `only`), runs its whole suite, returns {failed test:
-    message}."""
+    """Writes a hand-out (all exercises, or `only`), runs its student tier, returns {failed test:
+    message}. With `only`, the tests that can fail are the ones the all-removed hand-out fails (the
+    record's union, which test_full_handout_fails_exactly_the_mapped_tests holds): only those run."""
     r = run_script("assignments.py", "--out", str(out_dir), *(["--only", only] if only else []))
     assert r.returncode == 0, r.stderr
-    return {t: m for t, m in assignments.run_suite(str(out_dir)).items() if m is not None}
+    tests = sorted({t.split("[")[0] for ts in MAP.values() for t in ts}) if only else ()
+    return {t: m for t, m in assignments.run_suite(str(out_dir), tests).items() if m is not None}
 
 
 def check(failed, names):
     expected = set().union(*(MAP[n] for n in names))
-    assert set(failed) == expected, (f"fail but not mapped: {sorted(set(failed) - expected)}; "
-                                     f"mapped but pass: {sorted(expected - set(failed))}")
+    assert set(failed) == expected, (f"fail but not mapped: {sorted(set(failed) - expected)}; mapped but pass: {sorted(expected - set(failed))}")
     for t, msg in failed.items():
         assert "NotImplementedError" in msg and "exercise " in msg, (t, msg[-500:])
 
 
+@pytest.mark.slow
 def test_full_handout_fails_exactly_the_mapped_tests(tmp_path):
     check(failures(tmp_path / "handout"), list(EX))
 
 
+@pytest.mark.slow
 def test_only_one_exercise_fails_only_its_tests(tmp_path):
     check(failures(tmp_path / "handout", CHEAP), [CHEAP])
 
@@ -109,6 +120,7 @@ def test_every_exercise_stores_two_or_more_wrong_answers_that_differ_from_the_re
             assert a["why"] and any(c is not None for c in a["code"]), (name, a)
 
 
+@pytest.mark.slow
 def test_check_catches_each_wrong_answer_of_an_exercise():
     r = run_script("assignments.py", "--check", "--only", CHEAP, timeout=900)  # 72 tests + 3
     assert r.returncode == 0, r.stdout + r.stderr
@@ -116,6 +128,7 @@ def test_check_catches_each_wrong_answer_of_an_exercise():
     assert r.stdout.count("caught by ") == n and "FAILS" not in r.stdout and "NOT CAUGHT" not in r.stdout
 
 
+@pytest.mark.slow
 def test_check_reports_a_wrong_answer_the_tests_miss(tmp_path):
     # a "wrong answer" that is the reference itself must be reported as not caught: exit 1
     import json

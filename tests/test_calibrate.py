@@ -47,7 +47,7 @@ def test_collect_stats_shapes(stats):
 @pytest.mark.parametrize("method", calibrate.METHODS)
 def test_every_recipe_is_exact_with_quantization_off(method, stats):
     fp, m = random_tiny(), random_tiny()
-    recipe = calibrate.build_recipe(m, stats, method, 4, 4, lora_rank=0)
+    recipe = calibrate.build_recipe(m, stats, method, 4, 4, lora_rank=0, lowrank=0)
     calibrate.apply_recipe(m, recipe)
     quant.set_quantization(m, False)
     x, t, y = inputs()
@@ -77,7 +77,7 @@ def test_ditas_folding_equals_online_smoothing():
                               fp.blocks[0].adaLN_modulation[1].bias)
 
 
-def test_lora_reduces_the_weight_error_monotonically():
+def test_lowrank_lora_reduces_the_weight_error_monotonically():
     torch.manual_seed(0)
     lin = torch.nn.Linear(192, 256)
     # some low-rank structure
@@ -121,7 +121,7 @@ def test_bad_input_exits_2(tiny_ckpt, args, msg):
                                          ("svdquant-hadanorm", (4, 4))])
 def test_whole_model_integer_forward_matches_simulation(method, bits, stats):
     m = random_tiny()
-    recipe = calibrate.build_recipe(m, stats, method, *bits, lora_rank=4, lora_iters=3)
+    recipe = calibrate.build_recipe(m, stats, method, *bits, lora_rank=4, lora_iters=3, lowrank=4)
     calibrate.apply_recipe(m, recipe)
     x, t, y = inputs()
     ins = {}  # each layer's input in the simulated model
@@ -174,3 +174,17 @@ def test_mixed_precision_budget_is_parsed_and_checked():
     for bad in ("hadanorm+a8:0", "hadanorm+a8:1.5", "hadanorm+a8:x", "hadanorm+a8x", "gptq+a8"):
         with pytest.raises(ValueError, match="unknown method"):
             calibrate.parse_method(bad)
+
+
+def test_a8_choice_keeps_the_most_sensitive_layer_first():
+    """A constructed case: one hidden unit of block 0's fc1 gets a bias of 30, so fc2's input has an
+    outlier channel and, at 4-bit activations (no smoothing, no Hadamard), fc2 costs by far the most
+    guided-ε error per MAC. A budget of 0.34 of the MACs fits fc2 (1/3 of them) or the smaller
+    layers; the choice must be fc2 (taking the least sensitive first would keep the others)."""
+    from diffusion import sample_states
+    m = random_tiny(depth=1)
+    with torch.no_grad():
+        m.blocks[0].mlp.fc1.bias[5] = 30.0
+    recipe = quant.Recipe("rtn", QConfig(4), QConfig(4))
+    chosen = calibrate.choose_a8_layers(m, recipe, sample_states(m, n=4, steps=4), budget=0.34)
+    assert chosen == {"blocks.0.mlp.fc2": 8}, chosen

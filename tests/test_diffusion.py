@@ -53,7 +53,7 @@ def test_ddim_one_step_vs_many_on_a_gaussian_toy():
     assert one.std().item() < 0.01  # one step predicts E[x0 | x_T] ≈ the mean
 
 
-def test_ddim_recovers_a_point_mass_with_any_step_count():
+def test_ddim_step_recovers_a_point_mass_with_any_step_count():
     c = torch.tensor(0.3)
     d_full = Diffusion.make()
     acp = torch.from_numpy(d_full.alphas_cumprod).float()
@@ -139,7 +139,7 @@ def official_ddim(betas_full, keep, model_fn, x, clip, eta=0.0, noise=None):
 
 @pytest.mark.parametrize("clip", [True, False])  # pixels, and latents (nothing clipped)
 @pytest.mark.parametrize("steps", [50, 7])
-def test_ddim_equals_the_official_loop_bit_for_bit(clip, steps):
+def test_ddim_step_equals_the_official_loop_bit_for_bit(clip, steps):
     g = torch.Generator().manual_seed(3)
     w = torch.randn(4, 4, generator=g) * 0.5
     model_fn = lambda x, t: torch.einsum("ij,njhw->nihw", w, x) * (t.float() / 1000).view(-1, 1, 1, 1) + 0.1
@@ -150,7 +150,7 @@ def test_ddim_equals_the_official_loop_bit_for_bit(clip, steps):
     assert torch.equal(ours, want)
 
 
-def test_ddim_with_eta_1_draws_the_ddpm_posterior_variance():
+def test_ddim_step_with_eta_1_draws_the_ddpm_posterior_variance():
     """σ_t(η = 1)² = (1 − ᾱ_prev)/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_prev) is the DDPM posterior variance β̃_t:
     two runs of one step from the same x with different noise differ by 2 β̃_t in variance (σ = 0
     fails)."""
@@ -166,7 +166,7 @@ def test_ddim_with_eta_1_draws_the_ddpm_posterior_variance():
         assert abs(var / d.posterior_variance[i] - 1) < 0.1, (i, var, d.posterior_variance[i])
 
 
-def test_ddim_with_eta_keeps_the_direction_to_x_t_at_sqrt_one_minus_abar_prev_minus_sigma2():
+def test_ddim_step_with_eta_keeps_the_direction_to_x_t_at_sqrt_one_minus_abar_prev_minus_sigma2():
     """η > 0: the mean is √ᾱ_prev x̂0 + √(1 − ᾱ_prev − σ²) ε̂, the noise σ z. Two draws with the same
     seed average out z only through its own term, so the step minus σ z must equal that mean
     exactly (dropping σ² from the direction fails)."""

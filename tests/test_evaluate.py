@@ -50,6 +50,7 @@ def test_shipped_classifier_and_reference_statistics():
     torch.testing.assert_close(ref["mu"], ref["feats"].double().mean(0), atol=2e-3, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_scores_like_one_process(tiny_ckpt):
     import os
     import subprocess

@@ -8,7 +8,7 @@ DIT_WIDTHS = [64, 72, 192, 384, 768, 1024, 1152, 1536, 3072, 4096, 4608]
 
 
 @pytest.mark.parametrize("n", DIT_WIDTHS)
-def test_orthogonal_and_fast_equals_dense(n):
+def test_fast_hadamard_is_orthogonal_and_equals_dense(n):
     H = hadamard.hadamard_matrix(n)  # float32
     assert (H @ H.T - torch.eye(n)).abs().max() < 1e-5
     x = torch.randn(2, 3, n)  # any leading shape
@@ -40,7 +40,7 @@ def test_bf16_transform_is_close():
     torch.testing.assert_close(y.float(), hadamard.transform(x), atol=0.05, rtol=0.02)
 
 
-def test_block_diagonal_and_random_signs():
+def test_fast_hadamard_block_diagonal_and_random_signs():
     x = torch.randn(3, 192)
     Hb = hadamard.hadamard_matrix(64)
     want = (x.view(3, 3, 64) @ Hb.T).view(3, 192)

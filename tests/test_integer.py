@@ -93,7 +93,7 @@ def layer_kw(kw, K=192):
 @pytest.mark.parametrize("kw", [dict(), dict(hadamard="double"),
                                 dict(hadamard="double", center="dynamic", channel_scale="s"),
                                 dict(hadamard="double", center="static", signs="r")])
-def test_integer_layer_equals_simulation(bits, kw):
+def test_act_codes_and_output_equal_the_simulation(bits, kw):
     torch.manual_seed(0)
     x = torch.randn(2, 16, 192) + torch.randn(192)
     with torch.no_grad():
@@ -135,7 +135,7 @@ def test_built_from_shapes_and_filled_by_its_state():
     assert set(a.state_dict()) == {"w_int", "w_scale", "bias", "channel_scale"}
 
 
-def test_integer_layer_multiplies_int8_codes_with_int_mm(monkeypatch):
+def test_int_matmul_multiplies_int8_codes_with_int_mm(monkeypatch):
     """The 4-bit path is real: its product is one torch._int_mm call on int8 operands."""
     calls = []
     real = torch._int_mm
@@ -152,7 +152,7 @@ def test_integer_layer_multiplies_int8_codes_with_int_mm(monkeypatch):
     assert calls == [(torch.int8, torch.int8, (32, 192), (192, 96))]
 
 
-def test_integer_layer_is_exact_where_float32_rounds():
+def test_int_matmul_is_exact_where_float32_rounds():
     """W8A8 at K = 4096 with large codes: sums reach 3e7 > 2^24, which float32 cannot hold; the
     layer's output equals the float64 product of its codes (a float32 matmul would not)."""
     torch.manual_seed(0)
@@ -167,7 +167,7 @@ def test_integer_layer_is_exact_where_float32_rounds():
         torch.testing.assert_close(iq(x), ref, rtol=1e-6, atol=0)
 
 
-def test_integer_path_refuses_unsupported_quantizers():
+def test_integer_path_refuses_group_wise_weights():
     q = QuantLinear(nn.Linear(64, 32), QConfig(4, granularity="group", group_size=32), QConfig(4))
     with pytest.raises(ValueError, match="integer path"):
         integer.to_integer(q)
@@ -249,3 +249,12 @@ def test_xl_width_hadanorm_integer_path_equals_simulation(k, n):
                     channel_scale=torch.rand(k) + 0.5, hadamard="double")
     with torch.no_grad():
         check_integer_layer(q, x)
+
+
+def test_act_codes_are_the_rounded_clamped_steps():
+    """IntLinear.codes against hand values: round half to even, clamped to [-8, 7] at 4 bits."""
+    iq = integer.IntLinear(4, 2, a_bits=4)
+    xt = torch.tensor([[[0.26, -0.74, 3.1, -9.0], [0.05, 0.15, -0.25, 0.35]]])
+    step = torch.tensor([[[0.5], [0.1]]])
+    assert iq.codes(xt, step).tolist() == [[1, -1, 6, -8], [0, 2, -2, 4]]
+    assert iq.codes(xt, step).dtype == torch.int8

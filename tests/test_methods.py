@@ -59,7 +59,7 @@ def test_ditas_alpha_search_can_choose_no_smoothing():
     assert a is None and err < 1e-12 and torch.equal(s, torch.ones(32))
 
 
-def test_lora_alternation_keeps_lowering_the_error_over_its_iterations():
+def test_lowrank_lora_alternation_keeps_lowering_the_error_over_its_iterations():
     torch.manual_seed(0)
     lin = torch.nn.Linear(192, 256)
     lin.weight.data += 0.3 * torch.randn(256, 4) @ torch.randn(4, 192) / 4
@@ -71,7 +71,7 @@ def test_lora_alternation_keeps_lowering_the_error_over_its_iterations():
     assert q.lora_u.shape == (256, 8) and q.lora_v.shape == (8, 192)
 
 
-def test_svdquant_branch_takes_the_top_singular_part_out_of_the_quantized_weight():
+def test_lowrank_svdquant_branch_takes_the_top_singular_part_out_of_the_quantized_weight():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 64)
     # a strong rank-2 part: outliers in W
@@ -90,7 +90,7 @@ def test_svdquant_branch_takes_the_top_singular_part_out_of_the_quantized_weight
     assert (W - q.qweight() - L).norm().item() < 0.5 * rtn and peak < 0.8
 
 
-def test_int4_bytes_hold_even_k_in_the_low_nibble():
+def test_int4_pack_bytes_hold_even_k_in_the_low_nibble():
     q = torch.tensor([[1, -2, 7, -8]], dtype=torch.int8)
     # -2 = 0xE high, 1 low; -8 = 0x8 high, 7 low
     assert quant.pack_int4(q).tolist() == [[0xE1, 0x87]]

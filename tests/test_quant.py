@@ -10,7 +10,7 @@ from quant import QConfig, QuantLinear
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_symmetric_levels_and_clamp(bits):
+def test_quantizer_symmetric_levels_and_clamp(bits):
     cfg = QConfig(bits, granularity="tensor")
     x = torch.linspace(-3, 3, 1001).view(1, -1)
     q, s, z = quant.quantize(x, cfg)
@@ -23,7 +23,7 @@ def test_symmetric_levels_and_clamp(bits):
     assert q2.min() == qmin and q2.max() == qmax
 
 
-def test_asymmetric_zero_point_represents_zero_exactly():
+def test_quantizer_asymmetric_zero_point_represents_zero_exactly():
     cfg = QConfig(4, symmetric=False)
     x = torch.rand(5, 64) * 3 + 0.5  # all positive: the zero point sits at the bottom
     x[:, 0] = -0.25
@@ -51,7 +51,7 @@ def test_mse_range_beats_minmax_on_heavy_tails():
     assert e("mse") < e("minmax")
 
 
-def test_ste_passes_gradients_inside_the_range():
+def test_quantizer_ste_passes_gradients_inside_the_range():
     x = torch.randn(3, 16, requires_grad=True)
     quant.fake_quant(x, QConfig(4)).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
@@ -70,7 +70,7 @@ TRANSFORMS = [dict(), dict(hadamard="double"), dict(hadamard="double", center="d
 
 
 @pytest.mark.parametrize("kw", TRANSFORMS)
-def test_transform_is_exact_with_quantization_off(kw):
+def test_hadanorm_transform_is_exact_with_quantization_off(kw):
     torch.manual_seed(0)
     lin = nn.Linear(192, 96)
     x = torch.randn(2, 16, 192) + 2 * torch.randn(192)
@@ -123,7 +123,7 @@ def test_quantized_tiny_model_with_quantization_off_equals_fp():
 
 # --- integer path -------------------------------------------------------------------------------
 
-def test_pack_unpack_round_trip_every_int4_value():
+def test_int4_pack_unpack_round_trip_every_int4_value():
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(5, 3)[:, :46]  # odd rows, K = 46
     p = quant.pack_int4(q)
     assert p.dtype == torch.uint8 and p.shape == (5, 23)

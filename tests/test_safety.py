@@ -181,7 +181,5 @@ def test_official_train_py_checkpoint_with_its_argparse_namespace_loads(tmp_path
 
 
 def test_os_errors_are_one_line():
-    r = run_script("-c", f"import sys; sys.path.insert(0, {ROOT!r}); import common\n"
-                         f"def main(): raise PermissionError(13, 'Permission denied', "
-                         f"'x.pt')\ncommon.run_cli(main)")
+    r = run_script("-c", f"import sys; sys.path.insert(0, {ROOT!r}); import common\ndef main(): raise PermissionError(13, 'Permission denied', 'x.pt')\ncommon.run_cli(main)")
     one_line_exit_2(r, "x.pt: Permission denied")

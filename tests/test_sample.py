@@ -81,6 +81,7 @@ def test_missing_and_corrupt_checkpoints_exit_2(tmp_path):
     assert r.returncode == 2 and "invalid choice" in r.stderr
 
 
+@pytest.mark.slow
 def test_w4a4_calibrates_once_then_loads_the_packed_checkpoint(tmp_path, tiny_ckpt, capsys):
     out = str(tmp_path / "q.png")
     base = ["--ckpt", tiny_ckpt, "--w4a4", "--method", "hadanorm", "--n", "2", "--steps", "2",
@@ -142,6 +143,7 @@ def test_quantized_bad_input_exit_2(tmp_path, tiny_ckpt):
     assert r.returncode == 2 and "needs a bit setting" in r.stderr
 
 
+@pytest.mark.slow
 def test_official_checkpoint_with_vae_end_to_end(tmp_path):
     from test_vae import diffusers_state_dict
     torch.manual_seed(0)

@@ -40,6 +40,7 @@ def test_every_shipped_quantized_checkpoint_has_a_floor():
     assert shipped() and set(shipped()) <= set(FLOOR), shipped()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", shipped())
 def test_shipped_checkpoint_loads_and_samples_near_fp(name, fp_images):
     path = os.path.join(ROOT, "checkpoints", name)
@@ -57,6 +58,6 @@ def test_shipped_checkpoint_loads_and_samples_near_fp(name, fp_images):
 @pytest.mark.parametrize("bits", ["w4a4", "w4a3"])
 def test_the_defaults_select_a_shipped_checkpoint(bits):
     args = sample.get_args([f"--{bits}"])
-    method = sample.default_method(args)
+    method = args.method or sample.BEST_METHOD[bits]
     path = sample.quantized_path(args.ckpt, bits, method)
     assert os.path.basename(path) in shipped(), (bits, method, path)

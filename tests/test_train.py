@@ -1,6 +1,7 @@
 """train.py: a step lowers the loss; save -> stop -> resume reproduces the uninterrupted run."""
 import os
 
+import pytest
 import torch
 
 import dit
@@ -60,6 +61,7 @@ def test_resume_refuses_another_config(tmp_path, fake_fmnist):
         train.train(args)
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_matches_one_process(tmp_path, fake_fmnist):
     import json
     import subprocess
