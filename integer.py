@@ -40,8 +40,7 @@ class IntLinear(nn.Module):
         super().__init__()
         if hadamard == "single" and a_bits > 4:
             raise ValueError("the integer form of HQ-DM's single Hadamard needs activations of at most 4 bits (16 q must fit int8); run it with --simulate")
-        self.in_features, self.out_features, self.w_bits, self.a_bits = (in_features, out_features,
-                                                                         w_bits, a_bits)
+        self.in_features, self.out_features, self.w_bits, self.a_bits = in_features, out_features, w_bits, a_bits
         self.center, self.hadamard, self.block = center, hadamard, block
         K, N = in_features, out_features
         for name, shape, dtype, on in [
@@ -64,44 +63,29 @@ class IntLinear(nn.Module):
     def prepare(self):
         """The run-time operands, made from the stored state at build and after each load: the
         weight codes unpacked once into _int_mm's (K, N) operand; the branch moved onto the raw x."""
+        b = self.block or self.in_features
         codes = quant.unpack_int4(self.w_int) if self.w_bits <= 4 else self.w_int  # (N, K) int8
         step = self.w_scale.reshape(-1).float()  # (N,)
-        if self.hadamard == "single":
-            # HQ-DM: codes of x Hᵀ meet the unrotated W through the exact integer matrix
-            # R = W_int H_rawᵀ (H_raw = √b H, ±1 entries), split as R = d0 + 16 d1 (d0 in [-8, 7]) so
-            # that one GEMM of width 2K, [q, 16 q] · [d0, d1]ᵀ, gives q Rᵀ in int8 operands
-            b = self.block or self.in_features
-            R = hadamard.transform(codes.double(), block=self.block, signs=self.signs)
-            R = (R * b ** 0.5).round().long()
-            d0 = torch.remainder(R + 8, 16) - 8
-            d1 = (R - d0) // 16
-            if d1.abs().max() > 127:
-                raise ValueError(f"a single-Hadamard block of {b} is too wide for the int8 split (|W_int H| > 2047): use a block of at most 128")
-            codes, step = torch.cat([d0, d1], dim=1).to(torch.int8), step / b ** 0.5
-        self.register_buffer("w_t", codes.t().contiguous(), persistent=False)  # (K', N) int8
-        hk, hm = hadamard.kron_factors(self.block or self.in_features) if self.hadamard != "none" \
-            else (None, None)
-        self.register_buffer("hk", hk, persistent=False)  # the Hadamard's factors, made once
-        self.register_buffer("hm", hm, persistent=False)
-        self.register_buffer("w_step", step, persistent=False)
-        v = self.lora_v  # x̃ Vᵀ on the unquantized transformed input = x V_rawᵀ on the raw one
-        if v is not None:
-            if self.hadamard == "double":
-                v = hadamard.transform(v, inverse=True, block=self.block, signs=self.signs)
-            v = v if self.channel_scale is None else v / self.channel_scale
-        self.register_buffer("lora_vt", None if v is None else v.t().contiguous(),
-                             persistent=False)  # (K, r)
-        self.register_buffer("lora_ut", None if v is None else self.lora_u.t().contiguous(),
-                             persistent=False)  # (r, N)
+        if self.hadamard == "single":  # HQ-DM: the codes of x Hᵀ meet the unrotated weight
+            codes, step = hqdm_operand(codes, b, self.signs), step / b ** 0.5
+        hk, hm = hadamard.kron_factors(b) if self.hadamard != "none" else (None, None)
+        v = None if self.lora_v is None else raw_input_branch(self)  # (r, K)
+        for name, t in [("w_t", codes.t()), ("w_step", step), ("hk", hk), ("hm", hm),  # (K', N)
+                        ("lora_vt", v if v is None else v.t()),  # (K, r)
+                        ("lora_ut", v if v is None else self.lora_u.t())]:  # (r, N)
+            self.register_buffer(name, None if t is None else t.contiguous(), persistent=False)
 
     def codes(self, xt, step):
-        """x̃ (..., K) and its steps -> int8 codes (M, K'); for HQ-DM [q, 16 q]."""
+        """x̃ (..., K) and its steps -> int8 codes (M, K')."""
         qmax = 2 ** (self.a_bits - 1) - 1
         # exercise act_codes: the activation codes clamp(round(x̃ / step)) on the signed levels of a_bits, as int8
         q = torch.clamp(torch.round(xt / step), -qmax - 1, qmax).to(torch.int8)
         # end exercise act_codes
-        q = q.reshape(-1, self.in_features).contiguous()  # (M, K); important! a strided operand slows _int_mm 5x
-        return torch.cat([q, 16 * q], dim=-1) if self.hadamard == "single" else q
+        return self.widen(q.reshape(-1, self.in_features).contiguous())  # important! a strided operand slows _int_mm 5x
+
+    def widen(self, v):
+        """HQ-DM: [v, 16 v], against the weight's digits [d0, d1] (`hqdm_operand`); else v."""
+        return torch.cat([v, 16 * v], dim=-1) if self.hadamard == "single" else v
 
     def forward(self, x):
         # (S, T, K): the transform runs in x's dtype (float32: exactly the simulation's codes;
@@ -118,9 +102,7 @@ class IntLinear(nn.Module):
         # end exercise int_matmul
         y = acc.view(*x.shape[:-1], -1) * (st * self.w_step)  # (S, T, N): s_tok ⊗ s_ch
         if mu is not None:  # HadaNorm: + μ̃ Q(W̃)ᵀ, against the codes (no float copy of W kept)
-            mu = mu.float()
-            mu = torch.cat([mu, 16 * mu], dim=-1) if self.hadamard == "single" else mu
-            y = y + (mu @ self.w_t.float()) * self.w_step
+            y = y + (self.widen(mu.float()) @ self.w_t.float()) * self.w_step
         if self.bias is not None:
             y = y + self.bias
         if self.lora_vt is not None:  # the float low-rank branch, on the raw input
@@ -128,7 +110,29 @@ class IntLinear(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self):
-        return (f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits} integer, center={self.center}, hadamard={self.hadamard}")
+        return f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits}, center={self.center}, hadamard={self.hadamard}"
+
+
+def raw_input_branch(layer):
+    """The low-rank branch's V moved onto the raw input: x̃ Vᵀ on the transformed input (before
+    quantization; centring left out, as the simulation's branch sees x̃ + μ̃) = x V_rawᵀ."""
+    v = layer.lora_v
+    if layer.hadamard == "double":
+        v = hadamard.transform(v, inverse=True, block=layer.block, signs=layer.signs)
+    return v if layer.channel_scale is None else v / layer.channel_scale
+
+
+def hqdm_operand(codes, b, signs=None):
+    """HQ-DM's integer weight: the codes q of x Hᵀ meet the unrotated W through the exact integer
+    matrix R = W_int H_rawᵀ (H_raw = √b H, ±1 entries), which does not fit int8. Split as
+    R = d0 + 16 d1 (d0 in [-8, 7]), one GEMM of width 2K, [q, 16 q] · [d0, d1]ᵀ, gives q Rᵀ in
+    int8 operands. (N, K) codes -> (N, 2K) int8."""
+    R = (hadamard.transform(codes.double(), block=b, signs=signs) * b ** 0.5).round().long()
+    d0 = torch.remainder(R + 8, 16) - 8
+    d1 = (R - d0) // 16
+    if d1.abs().max() > 127:
+        raise ValueError(f"a single-Hadamard block of {b} is too wide for the int8 split (|W_int H| > 2047): use a block of at most 128")
+    return torch.cat([d0, d1], dim=1).to(torch.int8)
 
 
 def from_quant(q):

@@ -52,11 +52,15 @@ def test_malformed_markers_are_named(tmp_path, src, msg):
         assignments.find_exercises(str(tmp_path))
 
 
-def test_list_shows_every_exercise_with_its_tests():
+def test_list_shows_every_exercise_with_its_focused_tests_first():
     r = run_script("assignments.py", "--list")
     assert r.returncode == 0, r.stderr
     for name, tests in MAP.items():
-        assert f"{name} " in r.stdout and f"graded by {len(tests)} tests" in r.stdout and tests[0] in r.stdout
+        mine = assignments.focused(name)
+        block = r.stdout.split(f"\n{name} ", 1)[1] if not r.stdout.startswith(f"{name} ") else r.stdout
+        assert f"graded first by {len(mine)} focused tests (python -m pytest -k {name})" in block
+        also = [t for t in tests if t.split("[")[0] not in mine]
+        assert block.index(mine[0]) < block.index(f"then also by {len(also)} more tests")
 
 
 @pytest.mark.parametrize("args, msg", [
