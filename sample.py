@@ -229,7 +229,7 @@ def load_official_model(args):
     decoder = vae_lib.load_vae(args.vae)
     desc = "fp32"
     if args.bits:
-        method = args.method or BEST_METHOD[args.bits]
+        method = args.method or (BEST_METHOD[args.bits] if args.bits else None)
         t0 = time.time()
         calibrate.quantize_fp(model.to(args.device), method, *SETTINGS[args.bits], calib_n=4,
                               calib_steps=10)
@@ -269,7 +269,7 @@ def load_model(args):
     if not args.bits and not args.qckpt:
         model, cfg = dit.load_checkpoint(args.ckpt)
         return model, cfg, "fp32"
-    method = args.method or BEST_METHOD[args.bits]
+    method = args.method or (BEST_METHOD[args.bits] if args.bits else None)
     path = args.qckpt or quantized_path(args.ckpt, args.bits, method)
     stale = False
     # cache made from this FP file?
