@@ -5,8 +5,9 @@
     q = round(x̃ / s_tok)                       per-token int8 codes (int4 values)
     y = _int_mm(q, W_int) ⊙ (s_tok ⊗ s_ch) + μ̃ Q(W̃)ᵀ + bias + x V_rawᵀ Uᵀ (low-rank branch)
 
-The product of the codes is exact: torch._int_mm (int8 x int8 -> int32; oneDNN on the CPU, which
-measured as fast as oneDNN's u8 x s8 int8 linear at every layer shape on a VNNI CPU, docs/speed.md).
+The product of the codes is exact: torch._int_mm (int8 x int8 -> int32; oneDNN on the CPU). On a
+VNNI CPU oneDNN's u8 x s8 int8 linear measured as fast at all but one layer shape (qkv: 1.46x),
+which is not worth a second GEMM backend (docs/speed.md).
 Weights are stored packed (two int4 per byte, quant.py) and unpacked once, when a model is loaded,
 into the int8 (K, N) operand _int_mm wants; no float copy of a quantized weight is kept. The
 quantize / dequantize steps around the GEMM are plain torch, which torch.compile fuses (sample.py
@@ -22,9 +23,7 @@ import torch.nn as nn
 import common
 import dit
 import hadamard
-
 import quant
-
 
 
 #################################################################################
@@ -89,7 +88,7 @@ class IntLinear(nn.Module):
 
     def forward(self, x):
         # (S, T, K): the transform runs in x's dtype (float32: exactly the simulation's codes;
-        # bf16, where the float parts are: 1.3x faster, codes within bf16 rounding)
+        # bf16, where the float parts run in bf16: faster, codes within bf16 rounding)
         f = lambda t: None if t is None else t.to(x.dtype)
         xt, mu = quant.transform_input(x, self.center, f(self.mu_static), f(self.channel_scale),
                                        self.hk is not None, self.block, f(self.signs),
