@@ -17,12 +17,7 @@ interleaved over rounds, with user and system CPU time.
 """
 import copy
 import os
-import sys
 
-# as sample.py: keep freed memory in the process (glibc reads this only at start-up)
-if __name__ == "__main__" and sys.platform.startswith("linux") and "MALLOC_MMAP_MAX_" not in os.environ:
-    import sample  # its MALLOC_ENV (sample's own re-start runs only as a script)
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **sample.MALLOC_ENV})
 import platform
 import resource
 import statistics
@@ -319,4 +314,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sample.keep_freed_memory()  # as sample.py: freed activations stay in the process
     common.run_cli(main)

@@ -431,4 +431,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sample.keep_freed_memory()  # as sample.py: freed activations stay in the process
     common.run_cli(main)
