@@ -114,8 +114,8 @@ def kron_factors(b, dtype=torch.float32, device="cpu"):
     km = split(b)
     if km is None:
         raise _unsupported(b)
-    return tuple(base_matrix(k).to(dtype).to(device) if i == 0 else sylvester(k).to(dtype).to(device)
-                 for i, k in enumerate(km))
+    K, m = km
+    return base_matrix(K).to(dtype=dtype, device=device), sylvester(m).to(dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=None)
