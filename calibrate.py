@@ -196,21 +196,25 @@ def lowrank_branch(q, rank):
 @torch.no_grad()
 def choose_a8_layers(model, recipe, states, budget, cfg_scale=4.0):
     """Mixed precision by sensitivity: each layer's score is how much the guided ε error (against
-    the FP model, on its own trajectory states) falls when that layer alone gets 8-bit activations;
-    layers are kept at A8 by score per MAC, greedily, while their MACs stay within `budget` of all
-    linear MACs."""
+    the FP model, on its own trajectory states) falls when that layer alone gets 8-bit activations,
+    each state's error relative to the all-4-bit model's there; layers are kept at A8 by score per
+    MAC, greedily, while their MACs stay within `budget` of all linear MACs."""
+    # important! t = 0 out: its ε is 1% of x_t and barely used by the sampler, yet its error is
+    # 100-1000x the others' and would decide every choice
+    states = [(x, t, y) for x, t, y in states if bool((t > 0).all())]
     q_model = copy.deepcopy(model)
     apply_recipe(q_model, dataclasses.replace(recipe, layer_abits={}))
     layers = [(n, q) for n, _, _, q in quant.quant_layers(q_model)]
 
     refs = [guided(model, y, cfg_scale)(x, t) for x, t, y in states]  # the FP model's, once
-    err = lambda: sum((guided(q_model, y, cfg_scale)(x, t) - ref).pow(2).mean().item()
-                      for (x, t, y), ref in zip(states, refs)) / len(states)
-    base, scores = err(), {}
+    errs = lambda: torch.tensor([(guided(q_model, y, cfg_scale)(x, t) - ref).pow(2).mean().item()
+                                 for (x, t, y), ref in zip(states, refs)])
+    base, scores = errs(), {}
     for name, q in layers:
         aq = q.aq
         q.aq = dataclasses.replace(aq, bits=8)
-        scores[name] = base - err()  # the error this layer's 4-bit activations cost
+        # the share of the error this layer's 4-bit activations cost, averaged over states
+        scores[name] = ((base - errs()) / base).mean().item() if states else 0.0
         q.aq = aq
     macs = {n: q.in_features * q.out_features for n, q in layers}
     chosen, used = {}, 0
@@ -293,7 +297,8 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
             r["alphas"][n], r["scales"][n] = best[1], best[2]
     recipe = quant.Recipe(**r)
     if a8_budget:
-        a8 = choose_a8_layers(model, recipe, sample_states(model), a8_budget)
+        # every class once, on a seed of its own (not the calibration's)
+        a8 = choose_a8_layers(model, recipe, sample_states(model, n=10, seed=4321), a8_budget)
         recipe = dataclasses.replace(recipe, layer_abits=a8)
     return recipe
 

@@ -4,11 +4,17 @@
   standard error (bootstrap over the samples),
 - class accuracy: does the classifier agree with the label we asked for?
 - precision / recall: k-NN manifolds (k = 3, Kynkäänniemi et al. 2019) in the same space,
+- paired distance: the mean distance, in the same features, between each sample and the FP
+  model's sample from the same noise and label (the screen that picks QAT snapshots and settings:
+  it sees the pictures, not the per-step ε error),
 - PSNR of samples against the FP model's samples from the same noise (a diagnostic only: 4-bit
   sampling is chaotic, a change of 1e-6 in x_T moves a W4A4 sample as far as quantization does).
+FD has a floor: n real training images score FD > 0 against the test set (the table prints it,
+and FD − floor beside FD).
 
     python evaluate.py table --settings w4a4 --methods hadanorm,svdquant-hadanorm --cfg 1.5,4.0
     python evaluate.py table --settings "" --methods "" --qckpt checkpoints/dit_t4_w4a4_hqdm.pt --n 1000
+    python evaluate.py screen runs/qat/w4a4_iter150.pt runs/qat/w4a4_iter300.pt   # n = 100, seed 3
     python evaluate.py fp --n 1000              # the FP model alone (torchrun splits the samples)
     python evaluate.py floor                    # 1000 real training images vs the test set
     python evaluate.py npz samples.npz          # samples written by `sample.py --npz`
@@ -160,17 +166,30 @@ def precision_recall(real, fake, k=3):
 
 def score(images, labels, clf, ref, ref_images=None, seed=0):
     """All metrics for one set of samples -> dict. P/R use an equal-size subset of the test
-    features."""
+    features; PSNR and the paired feature distance need ref_images (FP's, from the same noise)."""
     f, logits = features_and_logits(clf, images.float())
     n = len(f)
     sub = ref["feats"][torch.randperm(len(ref["feats"]), generator=torch.Generator().manual_seed(seed))[:n]]
     prec, rec = precision_recall(sub.double(), f)
     out = {"n": n, "fd": fd_of(f, ref), "fd_se": fd_standard_error(f, ref, seed=seed),
            "acc": (logits.argmax(1) == labels).float().mean().item(), "precision": prec,
-               "recall": rec}
+           "recall": rec}
     if ref_images is not None:
         out["psnr"] = psnr(images, ref_images)
+        out["pair"] = paired_distance(f, features_and_logits(clf, ref_images.float())[0])
     return out
+
+
+def paired_distance(f, f_ref):
+    """Mean feature distance between sample i and reference sample i (same noise and label)."""
+    return (f - f_ref).norm(dim=1).mean().item()
+
+
+def floor(n, clf, ref, seed=0, data_dir=None):
+    """The FD floor: n real training images (not in the reference set) scored like samples."""
+    x, y = data.load("train", data_dir)
+    idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
+    return dict(score(x[idx], y[idx], clf, ref, seed=seed), sample_s=0)
 
 
 def sample_all(model, labels, steps, cfg_scale, seed):
@@ -202,12 +221,14 @@ def evaluate_model(model, n=1000, steps=50, cfg_scale=1.5, seed=0, clf_path=CLAS
     return metrics, images, labels
 
 
-HEADER = ("| model | path | CFG | n | FD ↓ (± s.e.) | class acc % ↑ | precision ↑ | recall ↑ | PSNR vs FP (dB) | calib (s) | sampling (s) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | path | CFG | n | FD ↓ (± s.e.) | FD − floor | class acc % ↑ | precision ↑ | recall ↑ | paired dist ↓ | PSNR vs FP (dB) | calib (s) | sampling (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
-def row(name, path, cfg_scale, m, calib="-"):
+def row(name, path, cfg_scale, m, calib="-", fd_floor=None):
     ps = f"{m['psnr']:.2f}" if "psnr" in m else "-"
-    return (f"| {name} | {path} | {cfg_scale:g} | {m['n']} | {m['fd']:.2f} ± {m['fd_se']:.2f} | {100 * m['acc']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | {ps} | {calib} | {m['sample_s']:.0f} |")
+    pair = f"{m['pair']:.3f}" if "pair" in m else "-"
+    above = "-" if fd_floor is None else f"{m['fd'] - fd_floor:.2f}"
+    return (f"| {name} | {path} | {cfg_scale:g} | {m['n']} | {m['fd']:.2f} ± {m['fd_se']:.2f} | {above} | {100 * m['acc']:.1f} | {m['precision']:.3f} | {m['recall']:.3f} | {pair} | {ps} | {calib} | {m['sample_s']:.0f} |")
 
 
 def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
@@ -238,11 +259,11 @@ def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
 
 
 def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device="cpu", qckpts=(),
-          simulate=False,
-          compile="auto"):
+          simulate=False, compile="auto", data_dir=None, with_floor=True):
     """The method x bits table, at each CFG scale: every row from the same noise and labels, PSNR
-    against the FP model's samples, and each row says which path ran it."""
-    lines = [HEADER]
+    and paired distance against the FP model's samples, each row says which path ran it; first
+    the floor (n real training images) unless with_floor is off. -> (lines, [(name, metrics)])."""
+    lines, results = [HEADER], []
 
     def emit(line):
         print(line, flush=True)
@@ -250,17 +271,26 @@ def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device=
         if out:
             common.atomic_write_text(out, "\n".join(lines) + "\n")
     print(HEADER, flush=True)
+    fd_floor = None
+    if with_floor:
+        clf, ref, _ = load_classifier()
+        m = floor(n, clf, ref, seed, data_dir)
+        fd_floor = m["fd"]
+        emit(row("real training images (the floor)", "-", 0, m, fd_floor=fd_floor))
     rows = list(quantized_models(ckpt, settings, methods, qckpts, simulate, compile))
     for cfg_scale in cfg_scales:
         fp, _ = dit.load_checkpoint(ckpt)
         m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
-        emit(row("FP32", "fp32 (eager)", cfg_scale, m))
+        emit(row("FP32", "fp32 (eager)", cfg_scale, m, fd_floor=fd_floor))
+        results.append(("FP32", m))
         for name, path, build in rows:
             model, seconds = build()
             m, _, _ = evaluate_model(model.to(device), n, steps, cfg_scale, seed,
                                      ref_images=ref_images)
-            emit(row(name, path, cfg_scale, m, "-" if seconds is None else f"{seconds:.0f}"))
-    return lines
+            emit(row(name, path, cfg_scale, m, "-" if seconds is None else f"{seconds:.0f}",
+                     fd_floor))
+            results.append((name, m))
+    return lines, results
 
 
 def plot_budget(tables, path):
@@ -325,8 +355,8 @@ def main(argv=None):
     shared.add_argument("--n", "--samples", dest="n", type=common.number(int, 4), default=None,
                         help="samples per row (table: 100, the fast screen; else 1000); under torchrun write --samples: torchrun's own parser swallows --n")
     shared.add_argument("--steps", type=common.number(int, 1, 1000), default=50, help="DDIM steps")
-    shared.add_argument("--seed", type=common.number(int, 0), default=0,
-                        help="noise seed (the rows share it)")
+    shared.add_argument("--seed", type=common.number(int, 0), default=None,
+                        help="noise seed, the rows share it (screen: 3, a seed of its own so that the final scores' seeds stay held out; else 0)")
     shared.add_argument("--classifier", default=CLASSIFIER)
     shared.add_argument("--device", default="cpu",
                         help="cpu or cuda (sampling; the classifier runs on the CPU)")
@@ -343,6 +373,13 @@ def main(argv=None):
     t.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the integer rows (as sample.py; auto: where a C++ compiler is present)")
     t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
+    t.add_argument("--data-dir", default=None, help=f"Fashion-MNIST's gz IDX files, for the floor row (default {data.DATA_DIR})")
+    t.add_argument("--no-floor", action="store_true", help="skip the floor row (n real training images; needs the data set)")
+    s = sub.add_parser("screen", parents=[shared], help="rank quantized checkpoints by the paired distance of their samples to FP's (same noise; n 100, CFG 4.0, seed 3 unless given)")
+    s.add_argument("qckpt", nargs="+")
+    s.add_argument("--cfg", type=common.number(float, 0, 100), default=4.0, help="CFG scale")
+    s.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="as table")
+    s.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
     f = sub.add_parser("fp", parents=[shared], help="the FP model alone")
     f.add_argument("--cfg", type=common.number(float, 0, 100), default=1.5, help="CFG scale")
     sub.add_parser("floor", parents=[shared],
@@ -369,10 +406,15 @@ def main(argv=None):
     device = common.check_device(args.device)
     if args.cmd == "train-classifier":
         common.check_output(args.out, (), "--out", args.force)
-    elif args.cmd == "table":
+    elif args.cmd in ("table", "screen"):
         common.check_output(args.out, (args.ckpt, args.classifier, *args.qckpt), "--out")
+        for p in args.qckpt:
+            if not os.path.exists(p):
+                raise FileNotFoundError(f"--qckpt {p}: no such file")
     if args.n is None:
-        args.n = 100 if args.cmd == "table" else 1000
+        args.n = 100 if args.cmd in ("table", "screen") else 1000
+    if args.seed is None:
+        args.seed = 3 if args.cmd == "screen" else 0
     if args.n < 4:
         raise ValueError(f"--n must be at least 4 (precision/recall's 3-nearest neighbours), got {args.n}")
 
@@ -386,23 +428,24 @@ def main(argv=None):
         cfgs = parse_list(args.cfg, "CFG scale", cast=float)
         settings = parse_list(args.settings, "setting", SETTINGS)
         methods = [m for m in parse_list(args.methods, "method") if calibrate.parse_method(m)]
-        for p in args.qckpt:
-            if not os.path.exists(p):
-                raise FileNotFoundError(f"--qckpt {p}: no such file")
         t0 = time.time()
         table(args.ckpt, args.n, args.steps, cfgs, args.seed, settings, methods, args.out, device,
-              args.qckpt, args.simulate, args.compile)
+              args.qckpt, args.simulate, args.compile, args.data_dir, not args.no_floor)
         print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, seed {args.seed})")
+        return
+    if args.cmd == "screen":
+        _, results = table(args.ckpt, args.n, args.steps, [args.cfg], args.seed, [], [], args.out,
+                           device, args.qckpt, compile=args.compile, with_floor=False)
+        print(f"ranked by paired distance to FP's samples (n={args.n}, CFG {args.cfg:g}, seed {args.seed}):")
+        for name, m in sorted(results[1:], key=lambda r: r[1]["pair"]):
+            print(f"  {m['pair']:.3f}  acc {100 * m['acc']:.1f}%  recall {m['recall']:.3f}  {name}")
         return
     clf, ref, test_acc = load_classifier(args.classifier)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     if rank0:
         print(f"classifier test accuracy {100 * test_acc:.2f}%\n{HEADER}")
     if args.cmd == "floor":
-        x, y = data.load("train", args.data_dir)
-        idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(args.seed))[: args.n]
-        print(row("real training images (the floor)", "-", 0,
-                  dict(score(x[idx], y[idx], clf, ref, seed=args.seed), sample_s=0)))
+        print(row("real training images (the floor)", "-", 0, floor(args.n, clf, ref, args.seed, args.data_dir)))
         return
     if args.cmd == "npz":
         try:

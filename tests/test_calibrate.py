@@ -186,5 +186,9 @@ def test_a8_choice_keeps_the_most_sensitive_layer_first():
     with torch.no_grad():
         m.blocks[0].mlp.fc1.bias[5] = 30.0
     recipe = quant.Recipe("rtn", QConfig(4), QConfig(4))
-    chosen = calibrate.choose_a8_layers(m, recipe, sample_states(m, n=4, steps=4), budget=0.34)
+    states = sample_states(m, n=4, steps=4)
+    chosen = calibrate.choose_a8_layers(m, recipe, states, budget=0.34)
     assert chosen == {"blocks.0.mlp.fc2": 8}, chosen
+    # t = 0 never scores: from its state alone nothing is chosen
+    assert states[-1][1].eq(0).all()
+    assert calibrate.choose_a8_layers(m, recipe, states[-1:], budget=0.34) == {}

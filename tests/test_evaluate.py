@@ -41,6 +41,18 @@ def test_score_on_a_random_classifier():
     ref = {"mu": f.mean(0), "sigma": torch.cov(f.T), "feats": f.half()}
     m = evaluate.score(x, y, clf, ref, ref_images=x)
     assert abs(m["fd"]) < 1e-3 and m["n"] == 20 and m["psnr"] > 90 and 0 <= m["acc"] <= 1
+    assert m["pair"] == 0
+
+
+def test_paired_distance_pairs_sample_i_with_reference_i():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    moved = ref + torch.tensor([3.0, 4.0] + [0.0] * 6, dtype=torch.float64)  # every pair 5 apart
+    assert abs(evaluate.paired_distance(moved, ref) - 5.0) < 1e-9
+    assert evaluate.paired_distance(ref, ref) == 0
+    # the same set in another order is far from its pairs (a set metric such as FD would say 0)
+    assert evaluate.paired_distance(ref.flip(0), ref) > 2
+    assert abs(evaluate.fd_of(ref.flip(0), {"mu": ref.mean(0), "sigma": torch.cov(ref.T)})) < 1e-9
 
 
 def test_shipped_classifier_and_reference_statistics():
