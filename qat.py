@@ -1,19 +1,25 @@
-"""HQ-DM: quantization-aware training with a single Hadamard transform, distilled data-free.
+"""Quantization-aware training (HQ-DM's form and QuaRot's), distilled from the FP model on real data.
 
-The quantized model computes y = [Q_a(x Hᵀ) H] Q_w(W)ᵀ in every qkv/proj/fc1/fc2: activations are
-quantized in one Hadamard domain and rotated back, weights are quantized unrotated (per channel), so
-the integer form Q_a(x Hᵀ) · (W_int H_rawᵀ) needs no rotated float weight (see QuantLinear.single).
-Step sizes are learned (LSQ: the straight-through estimator makes d/ds [round(x/s) s] = round(x/s) −
-x/s), weights per output channel; activations per token, step = r_b · max|x̃_token| / qmax with one
-learned clipping ratio r_b per timestep bucket (or --act static: one learned step per bucket); the
-weights are fine-tuned too. The start is the PTQ HadaNorm recipe (mean-centering and channel scale
-before H), because its loss over the first 50 steps measured 2.7x lower than plain static steps'
-(3.43e-2 against 1.26e-2, docs/qat.md). The loss is the MSE between the FP and quantized ε predictions (conditional and null-class
-halves) along the FP model's own DDIM trajectories with CFG: no data set is needed.
+The quantized model computes y = [Q_a(x Hᵀ) H] Q_w(W)ᵀ (single: HQ-DM, weights unrotated) or
+Q_a(x Hᵀ) Q_w(W Hᵀ)ᵀ (double) in every qkv/proj/fc1/fc2, after PTQ's centring and channel scale.
+Step sizes are learned (LSQ: d/ds [round(x/s) s] = round(x/s) − x/s), weights per output channel,
+activations per token with one learned clipping ratio per timestep bucket. The recipe follows the
+QAT that works for diffusion models (QVGen, EfficientDM):
+- inputs: Fashion-MNIST training images noised at a uniformly random t in 1..999 with fresh noise
+  every step, 10% of the labels null (as in pretraining); the FP model's ε is the target of both
+  CFG halves (conditional and null);
+- loss: each half's error plus (s − 1)² times the error of their difference, so the guided output
+  ε_u + s(ε_c − ε_u) the sampler uses is matched without losing the halves' cancellation; each
+  timestep band weighted by 1 / (the start's error there), so no t (t → 0 above all) dominates;
+- what learns: steps and clipping ratios from the start; weights (and an SVDQuant branch) only from
+  --weights-from on, at a small rate decaying to 0, with gradient clipping and an EMA of every
+  trained tensor (the EMA is what is exported).
+Step 0 is the PTQ recipe as calibrate.py makes it (same calibration), so the start is the shipped
+PTQ model. Choose snapshots by samples (evaluate.py screen), never by this loss.
 
-    python qat.py train --wbits 4 --abits 4 --out runs/qat_w4a4.pt     # the default steps
-    python qat.py train ... --hadamard none | double                    # the ablation: plain LSQ QAT / QuaRot-style
-    python qat.py score runs/qat_w4a4.pt                                # held-out distillation loss
+    python qat.py train --init svdquant-hadanorm --hadamard double --out runs/qat/w4a4.pt
+    python qat.py score runs/qat/w4a4.pt checkpoints/dit_t4_w4a4_svdquant-hadanorm.pt
+    python qat.py                       # the lesson: a few steps, the per-band error going down
 """
 import copy
 import dataclasses
@@ -25,14 +31,14 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import common
 import calibrate
+import data
 import dit
 import integer
-from diffusion import Diffusion, class_labels, make_noise
+from diffusion import Diffusion
 from quant import QConfig, QuantLinear, Recipe
 
 MODES = ("single", "none", "double")  # quant.HADAMARD
@@ -44,9 +50,8 @@ ACTS = ("token", "static")
 #                               Model preparation                               #
 #################################################################################
 
-def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=8, calib_steps=25,
-            seed=0,
-            init="hadanorm", act="token"):
+def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=16, calib_steps=25,
+            seed=1234, init="hadanorm", act="token"):
     """FP model -> QAT model (a copy): QuantLinears with learnable steps, initialised by
     calibration.
 
@@ -56,7 +61,8 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=8, 
     8-bit activations); or "plain": no centering or scale. act "token" is per-token dynamic with a
     learned clipping ratio per timestep bucket (step 0 = the PTQ recipe's min-max); "static" is one
     learned step per timestep
-    bucket and tensor, calibrated from max|x̃|."""
+    bucket and tensor, calibrated from max|x̃|. The calibration defaults are calibrate.py's, so in
+    the double form step 0 is the PTQ model calibrate.py ships."""
     if mode not in MODES:
         raise ValueError(f"unknown --hadamard {mode!r}; choose one of {', '.join(MODES)}")
     if (init != "plain" and calibrate.parse_method(init)[0] not in INITS) or act not in ACTS:
@@ -103,62 +109,96 @@ def make_learnable(model):
     return model
 
 
+
 #################################################################################
-#                         Distillation targets (no data)                        #
+#                   Targets: real images noised at a random t                   #
+#################################################################################
+
+BAND = 100  # timesteps per band: of the loss weights and of the held-out metric
+T_MIN = 1  # t = 0 is never trained on nor scored: ε is 1% of x_t there, and the sampler uses 1% of it
+
+
+def noised_batch(x0, y, gen, diffusion, num_classes, null_p=0.1):
+    """Real images -> a training batch (x_t, t, y): x_t = q_sample(x0, t, ε) at a uniform t in
+    1..999 with fresh noise, a share null_p of the labels turned into the null class."""
+    n = len(x0)
+    t = torch.randint(T_MIN, diffusion.num_timesteps, (n,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    drop = torch.rand(n, generator=gen) < null_p
+    return diffusion.q_sample(x0, t, noise), t, torch.where(drop, num_classes, y)
+
+
+def both_halves(model, x, t, y):
+    """(ε_cond, ε_null): both CFG halves, run as one batch as the sampler runs them."""
+    null = torch.full_like(y, getattr(model, "module", model).num_classes)  # DDP wraps in .module
+    return model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+
+
+def per_sample_error(qc, qu, ec, eu, diff_weight):
+    """|e_c|² + |e_u|² + λ |e_c − e_u|² of each sample (means over pixels), e each half's error.
+    The guided error is e_c + (s − 1)(e_c − e_u): λ = (s − 1)² weighs the difference as the
+    sampler does, and the halves' own terms keep guidance's cancellation (a loss on the guided
+    output alone cannot see errors with s e_c = (s − 1) e_u)."""
+    dc, du = qc - ec, qu - eu
+    mse = lambda e: e.pow(2).flatten(1).mean(1)
+    return mse(dc) + mse(du) + diff_weight * mse(dc - du)  # (N,)
+
+
+def qat_loss(model, fp, batch, band_w, diff_weight):
+    """The batch's error against the FP teacher, each sample weighted by its timestep band."""
+    x, t, y = batch
+    with torch.no_grad():
+        ec, eu = both_halves(fp, x, t, y)
+    qc, qu = both_halves(model, x, t, y)
+    return (band_w[t // BAND] * per_sample_error(qc, qu, ec, eu, diff_weight)).mean()
+
+
+#################################################################################
+#                   Held-out metric: the error per timestep band                #
 #################################################################################
 
 @torch.no_grad()
-def trajectories(fp, n=64, steps=25, cfg_scale=4.0, seed=0):
-    """Runs the FP model's DDIM with CFG from fixed noise and records every step's state and both
-    of its predictions: (x_t, t, y, ε_cond, ε_null, s), each (n·steps, ...), one row per trajectory
-    and step.
-    cfg_scale may be a tuple: trajectory i is guided with cfg_scale[i % len] (s records which)."""
-    d = Diffusion.make(steps=steps)
-    dev = next(fp.parameters()).device
-    y = class_labels(n, list(range(fp.num_classes))).to(dev)
-    null = torch.full_like(y, fp.num_classes)
-    x = make_noise(n, fp, seed).to(dev)
-    scales = torch.tensor(cfg_scale if isinstance(cfg_scale, (tuple, list)) else [cfg_scale],
-                          dtype=x.dtype)
-    s = scales[torch.arange(n) % len(scales)].to(dev)  # (n,) guidance of each trajectory
-    X, T, EC, EU = [], [], [], []
-    for i in tqdm(range(steps)[::-1], desc="FP trajectories", leave=False, disable=None):
-        t = torch.full((n,), int(d.timestep_map[i]), dtype=torch.long, device=dev)
-        out = fp(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))  # (2n, C, H, W)
-        cond, unc = out[:n], out[n:]
-        X.append(x), T.append(t), EC.append(cond), EU.append(unc)
-        guided_eps = unc + s.view(-1, 1, 1, 1) * (cond - unc)
-        x = d.ddim_step(lambda *_: guided_eps, x, i, clip=fp.in_channels != 4)
-    k = len(X)
-    return torch.cat(X), torch.cat(T), y.repeat(k), torch.cat(EC), torch.cat(EU), s.repeat(k)
-
-
-LOSSES = ("guided", "branch")
-
-
-def distill_loss(model, batch, loss="guided"):
-    """The quantized model's ε against the FP model's on a batch of trajectory states, both halves
-    of CFG run as one batch. "guided": the error of what the sampler uses, ε_null + s (ε_cond −
-    ε_null), at each
-    trajectory's own scale; "branch": the error of each half alone."""
-    x, t, y, ec, eu, s = batch
-    # (DDP wraps the model in .module)
-    null = torch.full_like(y, getattr(model, "module", model).num_classes)
-    out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-    cond, unc = out.chunk(2)
-    if loss == "branch":
-        return F.mse_loss(out, torch.cat([ec, eu]))
-    s = s.view(-1, 1, 1, 1)
-    return F.mse_loss(unc + s * (cond - unc), eu + s * (ec - eu))
+def held_out(fp, n=40, seed=7, data_dir=None):
+    """Fixed held-out states from the test split: n images, each at the centre of every band
+    (t = 50, 150, ..., 950), fixed noise, with the FP model's ε of both halves."""
+    x0, y = data.load("test", data_dir)
+    g, diffusion = torch.Generator().manual_seed(seed), Diffusion.make()
+    idx = torch.randperm(len(x0), generator=g)[:n]
+    bands = diffusion.num_timesteps // BAND
+    x0, y = x0[idx].repeat_interleave(bands, 0), y[idx].repeat_interleave(bands)  # (n·bands, ...)
+    t = (torch.arange(bands) * BAND + BAND // 2).repeat(len(idx))
+    x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
+    ec, eu = zip(*(both_halves(fp, x[i:i + 200], t[i:i + 200], y[i:i + 200])
+                   for i in range(0, len(x), 200)))
+    return x, t, y, torch.cat(ec), torch.cat(eu)
 
 
 @torch.no_grad()
-def score(model, data, chunk=100, loss="guided"):
-    """distill_loss over all targets, in chunks (no gradients): how close a model is to the FP
-    one."""
-    n = len(data[0])
-    return sum(distill_loss(model, [d[i:i + chunk] for d in data], loss).item() * min(chunk, n - i)
-               for i in range(0, n, chunk)) / n
+def band_errors(model, ho, cfg_scale=4.0):
+    """-> (guided ε MSE, the loss's error) per band, each (bands,): the guided one is what the
+    sampler uses at cfg_scale."""
+    x, t, y, ec, eu = ho
+    g, obj = [], []
+    for i in range(0, len(x), 200):
+        qc, qu = both_halves(model, x[i:i + 200], t[i:i + 200], y[i:i + 200])
+        dc, du = qc - ec[i:i + 200], qu - eu[i:i + 200]
+        g.append((du + cfg_scale * (dc - du)).pow(2).flatten(1).mean(1))
+        obj.append(per_sample_error(qc, qu, ec[i:i + 200], eu[i:i + 200], (cfg_scale - 1) ** 2))
+    b = t // BAND
+    per_band = lambda v: torch.zeros(int(b.max()) + 1).index_add_(0, b, torch.cat(v)) / torch.bincount(b)
+    return per_band(g), per_band(obj)
+
+
+GROUPS = ((0, 1), (1, 3), (3, 6), (6, 10))  # bands -> t in [1, 100), [100, 300), [300, 600), [600, 1000)
+
+
+def band_report(guided, start=None):
+    """One line: the guided ε MSE of each group of bands, and the mean over bands of each band's
+    error relative to `start`'s (1 = no change)."""
+    parts = [f"t {100 * a or 1}-{100 * b - 1}: {guided[a:b].mean():.2e}" for a, b in GROUPS]
+    if start is not None:
+        parts.append(f"relative to start {(guided / start).mean():.3f}")
+    return ", ".join(parts)
 
 
 #################################################################################
@@ -166,123 +206,154 @@ def score(model, data, chunk=100, loss="guided"):
 #################################################################################
 
 def get_args(argv=None):
-    ap = common.Parser(description="HQ-DM quantization-aware training of the DiT (data-free distillation).")
+    ap = common.Parser(description="Quantization-aware training of the DiT, distilled from the FP model on noised Fashion-MNIST images.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     shared = common.Parser(add_help=False)
-    shared.add_argument("--ckpt", default=dit.DEFAULT_CKPT,
-                        help="FP checkpoint (teacher and initialisation)")
-    shared.add_argument("--traj", type=int, default=64,
-                        help="FP trajectories for the distillation targets")
-    shared.add_argument("--steps", type=int, default=25, help="DDIM steps of each trajectory")
-    shared.add_argument("--traj-cfg", default="4.0", help="CFG scale(s) of the FP trajectories, comma-separated: trajectories alternate between them (e.g. 1.5,4.0: the metrics' and the pictures' scale)")
-    shared.add_argument("--loss", default="guided", choices=LOSSES, help="distil the guided ε the sampler uses, at each trajectory's CFG scale, or each half (conditional, null) alone")
-    shared.add_argument("--seed", type=common.number(int, 0), default=0, help="seed of the trajectories (and of training)")
+    shared.add_argument("--ckpt", default=dit.DEFAULT_CKPT, help="FP checkpoint (teacher and initialisation)")
+    shared.add_argument("--data-dir", default=None, help=f"Fashion-MNIST's gz IDX files (default {data.DATA_DIR})")
+    shared.add_argument("--cfg", type=common.number(float, 1, 100), default=4.0, help="the CFG scale s the loss and the metric weigh the halves' difference for")
+    shared.add_argument("--eval-n", type=common.POSITIVE, default=40, help="held-out test images of the per-band metric (each at 10 timesteps)")
+    shared.add_argument("--eval-seed", type=common.number(int, 0), default=7, help="seed of the held-out images and noise")
     shared.add_argument("--device", default="cpu", help="cpu or cuda")
-    t = sub.add_parser("train", parents=[shared],
-                       help="train (or resume) and export a packed integer checkpoint")
+    t = sub.add_parser("train", parents=[shared], help="train (or resume) and export a packed integer checkpoint")
     t.add_argument("--wbits", type=int, default=4)
     t.add_argument("--abits", type=int, default=4)
-    t.add_argument("--hadamard", default="single", choices=MODES, help="single: HQ-DM (weights unrotated); double: QuaRot-style (weights rotated too; the integer form is as fast as HadaNorm's); none")
-    t.add_argument("--block", type=int, default=None,
-                   help="Hadamard block size (default: full width)")
-    t.add_argument("--init", default="hadanorm",
-                   help=f"the PTQ recipe to start from: plain or one of {', '.join(INITS)}, optionally +a8")
+    t.add_argument("--hadamard", default="single", choices=MODES, help="single: HQ-DM (weights unrotated); double: QuaRot-style (W rotated; as fast as HadaNorm); none")
+    t.add_argument("--block", type=int, default=None, help="Hadamard block size (default: full width)")
+    t.add_argument("--init", default="svdquant-hadanorm", help=f"the PTQ recipe to start from: plain or one of {', '.join(INITS)}, optionally +a8")
     t.add_argument("--act", default="token", choices=ACTS, help="activations: per token with a learned clip ratio per bucket, or one learned static step per bucket")
     t.add_argument("--buckets", type=common.POSITIVE, default=10, help="timestep buckets of activation steps / clip ratios")
-    t.add_argument("--iters", type=common.POSITIVE, default=300, help="optimizer steps")
-    t.add_argument("--batch-size", type=common.POSITIVE, default=32, help="trajectory states per step (each runs both CFG halves)")
-    t.add_argument("--lr", type=common.number(float, above=0), default=3e-4, help="weights (3e-4 beat 1e-4 and 1e-5 over 120 steps)")
-    t.add_argument("--lr-scale", type=common.number(float, above=0), default=1e-3,
-                   help="step sizes")
+    t.add_argument("--iters", type=common.POSITIVE, default=1200, help="optimizer steps of the whole run (the rates' cosine spans them)")
+    t.add_argument("--weights-from", type=common.number(int, 0), default=None, help="step from which weights and branch train too (default: never; steps and clip ratios only)")
+    t.add_argument("--batch-size", type=common.POSITIVE, default=32, help="images per step (each runs both CFG halves)")
+    t.add_argument("--lr", type=common.number(float, above=0), default=1e-5, help="weights and branch, cosine to 0 from --weights-from")
+    t.add_argument("--lr-scale", type=common.number(float, above=0), default=3e-4, help="step sizes and clip ratios, cosine to 0")
+    t.add_argument("--grad-clip", type=common.number(float, above=0), default=1.0, help="gradient norm clipping")
+    t.add_argument("--ema", type=common.number(float, 0, 1), default=0.995, help="EMA decay of the trained tensors (0: none); the EMA is exported")
+    t.add_argument("--null-p", type=common.number(float, 0, 1), default=0.1, help="share of null labels")
+    t.add_argument("--diff-weight", type=common.number(float, 0), default=None, help="λ of the halves' difference (default (cfg - 1)²)")
+    t.add_argument("--seed", type=common.number(int, 0), default=0, help="seed of the batches")
     t.add_argument("--state-dir", default="runs/qat", help="folder of the resumable state")
-    t.add_argument("--out", default=None,
-                   help="write the packed integer checkpoint here at the end")
-    t.add_argument("--snapshot-every", type=common.number(int, 0), default=0, help="also export OUT_iterN.pt every N steps, to pick the best by a sample metric afterwards (evaluate.py table --qckpt ...)")
-    t.add_argument("--ckpt-every", type=common.POSITIVE, default=200,
-                   help="steps between resumable states")
+    t.add_argument("--out", default=None, help="write the packed integer checkpoint here at the end")
+    t.add_argument("--snapshot-every", type=common.number(int, 0), default=0, help="also export OUT_iterN.pt (the EMA) every N steps, to choose by samples (evaluate.py screen)")
+    t.add_argument("--ckpt-every", type=common.POSITIVE, default=100, help="steps between resumable states")
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--stop-after", type=common.POSITIVE, default=None, help="stop (and save) after this many steps of this call")
+    t.add_argument("--minutes", type=common.number(float, above=0), default=None, help="time budget: stop (and save) after this long")
     t.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
-    t.add_argument("--minutes", type=common.number(float, above=0), default=None,
-                   help="time budget: stop (and save) after this long")
-    sc = sub.add_parser("score", parents=[shared], help="the distillation loss of saved quantized checkpoints on the trajectories of --traj/--steps/--traj-cfg/--seed (another seed than training's: held out)")
+    sc = sub.add_parser("score", parents=[shared], help="guided ε MSE per timestep band (t = 0 out) of saved quantized checkpoints on held-out test images")
     sc.add_argument("qckpt", nargs="+")
     args = ap.parse_args(argv)
-    if args.traj < 1 or args.steps < 1 or (args.cmd == "train" and (args.iters < 1 or args.batch_size < 1)):
-        raise ValueError("--traj, --steps, --iters and --batch-size must be positive")
-    try:
-        args.traj_cfg = tuple(float(v) for v in args.traj_cfg.split(","))
-    except ValueError:
-        raise ValueError(f"--traj-cfg wants comma-separated numbers, got {args.traj_cfg!r}") from None
-    if not all(math.isfinite(c) and 0 <= c <= 100 for c in args.traj_cfg):
-        raise ValueError(f"--traj-cfg: CFG scales must be finite, in [0, 100]; got {args.traj_cfg}")
     if args.cmd == "train":
         common.check_output(args.out, (args.ckpt,), "--out", args.force)
         if os.path.exists(args.state_dir) and not os.path.isdir(args.state_dir):
             raise ValueError(f"--state-dir {args.state_dir} is a file, not a folder")
+        if args.diff_weight is None:
+            args.diff_weight = (args.cfg - 1) ** 2
     return args
 
 
-def identity(args):
-    """What a resumed run must agree on."""
-    return {k: getattr(args, k) for k in ("ckpt", "wbits", "abits", "hadamard", "block", "buckets",
-                                          "batch_size", "init",
-                                         "act", "traj", "steps", "traj_cfg", "loss", "seed")}
+IDENTITY = ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "init", "act", "iters",
+            "weights_from", "batch_size", "lr", "lr_scale", "grad_clip", "ema", "null_p",
+            "diff_weight", "cfg", "eval_n", "eval_seed", "seed")
 
 
-def resume(args, state_path, model, opt, gen):
-    """Loads a QAT run's state into model, opt and gen -> its step; refuses other settings."""
+def rates(step, args):
+    """(weights' rate, steps' rate) at this step: cosine to 0 at --iters; weights at 0 before
+    --weights-from."""
+    cos = lambda a: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - a) / max(1, args.iters - a))))
+    wf = args.weights_from
+    return (0.0 if wf is None or step < wf else args.lr * cos(wf)), args.lr_scale * cos(0)
+
+
+def trained(model):
+    """Every QuantLinear's weights, branch and steps, in a fixed order."""
+    return [p for m in model.modules() if isinstance(m, QuantLinear) for p in steps_of(m, weight=True)]
+
+
+def averaged(model, ema):
+    """A copy of the model holding the EMA of its trained tensors."""
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(trained(out), ema):
+            p.copy_(e)
+    return out
+
+
+def resume(args, state_path, model, opt, gen, ema):
+    """Loads a QAT run's state into model, opt, gen and ema -> its step; refuses other settings."""
     if not os.path.exists(state_path):
         raise FileNotFoundError(f"--resume: no QAT state at {state_path}")
     st = common.load_file(state_path, "QAT state")
-    if st["identity"] != identity(args):
-        diff = {k: (st["identity"].get(k), v) for k, v in identity(args).items()
-                if st["identity"].get(k) != v}
+    now = {k: getattr(args, k) for k in IDENTITY}
+    if st["identity"] != now:
+        diff = {k: (st["identity"].get(k), v) for k, v in now.items() if st["identity"].get(k) != v}
         raise ValueError(f"--resume: {state_path} was trained with other settings (saved, now): {diff}")
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["opt"])
     gen.set_state(st["gen"])
+    for e, v in zip(ema, st["ema"]):
+        e.copy_(v)
     return st["step"]
 
 
 def train(args):
-    """Runs (or resumes) QAT; returns (model, recipe, cfg, losses of this call). Under torchrun the
-    global batch (one generator) is split over the processes, as in train.py."""
+    """Runs (or resumes) QAT; returns (EMA model, recipe, cfg, losses of this call). Under torchrun
+    the global batch (one generator) is split over the processes, as in train.py."""
     rank, world, device = common.setup_distributed(args.device, args.batch_size)
     fp, cfg = dit.load_checkpoint(args.ckpt)
-    fp = fp.to(device).requires_grad_(False)
+    fp = fp.to(device).requires_grad_(False).eval()
+    images, labels = data.load("train", args.data_dir)
     os.makedirs(args.state_dir, exist_ok=True)
     state_path = os.path.join(args.state_dir, "state.pt")
-    torch.manual_seed(args.seed)
     model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets,
-                            seed=args.seed,
                             init=args.init, act=args.act)
-    # deterministic: rebuilt on resume
-    data = trajectories(fp, args.traj, args.steps, args.traj_cfg, seed=args.seed)
+    model.eval()  # important! train() would switch on the label embedder's own class dropout
+    ho = [v.to(device) for v in held_out(fp, args.eval_n, args.eval_seed, args.data_dir)]
+    start, obj = band_errors(model, ho, args.cfg)  # the PTQ start (deterministic: rebuilt on resume)
+    band_w = (1 / obj) / (1 / obj).mean()  # each band's error relative to the start's
+    params = trained(model)
+    weights = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in weights_of(m)}
     opt = make_optimizer(model, args.lr, args.lr_scale)
+    ema = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(args.seed)
-    step = resume(args, state_path, model, opt, gen) if args.resume else 0
+    step = resume(args, state_path, model, opt, gen, ema) if args.resume else 0
+    diffusion = Diffusion.make()
 
     def save():
         if rank == 0:
-            common.atomic_save({"model": model.state_dict(), "opt": opt.state_dict(),
-                                "gen": gen.get_state(),
-                                "step": step, "identity": identity(args)}, state_path)
+            common.atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "ema": ema,
+                                "gen": gen.get_state(), "step": step,
+                                "identity": {k: getattr(args, k) for k in IDENTITY}}, state_path)
         if world > 1:
             dist.barrier()
 
-    losses, t0 = [], time.time()
+    say = (lambda s: tqdm.write(s)) if rank == 0 else (lambda s: None)
+    now = start if step == 0 else band_errors(averaged(model, ema), ho, args.cfg)[0]  # step 0: the start
+    say(f"step {step}: {band_report(now, start)}")
+    losses, t0, first = [], time.time(), step
     bar = tqdm(total=args.iters, initial=step, desc=f"QAT W{args.wbits}A{args.abits} {args.hadamard}",
                disable=None if rank == 0 else True)
-    model.eval()  # important! train() would switch on the label embedder's class dropout
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     b = args.batch_size // world
     while step < args.iters:
-        idx = torch.randint(0, len(data[0]), (args.batch_size,), generator=gen)[rank * b:(rank + 1) * b].to(device)
-        loss = distill_loss(net, [d[idx] for d in data], args.loss)
+        lr_w, lr_s = rates(step, args)
+        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr_w, lr_s
+        for p in params:  # weights get no gradient (nor its cost) before --weights-from
+            p.requires_grad_(lr_w > 0 or id(p) not in weights)
+        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
+        batch = noised_batch(images[idx], labels[idx], gen, diffusion, fp.num_classes, args.null_p)
+        batch = [v[rank * b:(rank + 1) * b].to(device) for v in batch]
+        loss = qat_loss(net, fp, batch, band_w, args.diff_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP: gradients averaged over the processes = the global batch's mean
+        torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clip)
         opt.step()
         step += 1
+        d = min(args.ema, (1 + step) / (10 + step))  # a short warm-up of the average
+        with torch.no_grad():
+            for e, p in zip(ema, params):
+                e.lerp_(p.detach(), 1 - d)
         lv = loss.detach()
         if world > 1:
             dist.all_reduce(lv)
@@ -290,18 +361,21 @@ def train(args):
         losses.append(lv.item())
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3e}")
-        if step % args.ckpt_every == 0 or step == args.iters:
+        done = step == args.iters or (args.stop_after and step - first >= args.stop_after) or \
+            (args.minutes and time.time() - t0 > 60 * args.minutes)
+        if step % args.ckpt_every == 0 or done:
             save()
-        if args.snapshot_every and step % args.snapshot_every == 0 and rank == 0 and args.out:
-            export(model, recipe, cfg, snapshot_path(args.out, step), calibration(args))
-        if args.minutes and time.time() - t0 > 60 * args.minutes:
-            save()
+        if args.snapshot_every and step % args.snapshot_every == 0:
+            avg = averaged(model, ema)
+            say(f"step {step} ({(time.time() - t0) / 60:.1f} min): {band_report(band_errors(avg, ho, args.cfg)[0], start)}")
+            if rank == 0 and args.out:
+                export(avg, recipe, cfg, snapshot_path(args.out, step), calibration(args))
+        if done:
             break
     bar.close()
     if world > 1:
         dist.destroy_process_group()
-    return model, recipe, cfg, losses
-
+    return averaged(model, ema), recipe, cfg, losses
 
 @torch.no_grad()
 def export(model, recipe, cfg, path, calib):
@@ -333,28 +407,32 @@ def make_optimizer(model, lr, lr_scale):
                              weight_decay=0)
 
 
-def lesson(steps=30, n=8, traj_steps=10):
-    """`python qat.py` with no arguments: a few distillation steps at W4A4, the loss going down."""
+def lesson(steps=20, n=16, data_dir=None):
+    """`python qat.py` with no arguments: W4A4 steps and clip ratios learned for a few steps on
+    noised training images, the held-out error per band going down."""
     t0 = time.time()
-    fp = dit.load_checkpoint(dit.DEFAULT_CKPT)[0].requires_grad_(False)
-    torch.manual_seed(0)
-    model, _ = prepare(fp, 4, 4, "single", calib_n=n, calib_steps=traj_steps)
-    # n·traj_steps states (x_t, t, y) with both FP predictions
-    data = trajectories(fp, n, traj_steps)
-    opt, gen = make_optimizer(model, 1e-4, 1e-3), torch.Generator().manual_seed(0)
+    fp = dit.load_checkpoint(dit.DEFAULT_CKPT)[0].requires_grad_(False).eval()
+    model, _ = prepare(fp, 4, 4, "double", init="svdquant-hadanorm", calib_n=4, calib_steps=10)
     model.eval()  # important! no label dropout
-    print(f"HQ-DM W4A4 (single Hadamard) distilled from {dit.DEFAULT_CKPT}'s own CFG 4.0 trajectories ({n} images x {traj_steps} DDIM steps = {len(data[0])} states), batch 16:")
-    for step in range(steps + 1):
-        if step % 5 == 0:
-            with torch.no_grad():
-                print(f"  step {step:3d}  MSE of the guided ε on all states {distill_loss(model, data).item():.3e}")
-        if step < steps:
-            idx = torch.randint(0, len(data[0]), (16,), generator=gen)
-            loss = distill_loss(model, [d[idx] for d in data])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    print(f"{steps} steps in {time.time() - t0:.0f} s; a real run: python qat.py train --wbits 4 --abits 4 --out ...   (see docs/qat.md)")
+    images, labels = data.load("train", data_dir)
+    ho = held_out(fp, 8, data_dir=data_dir)
+    start, obj = band_errors(model, ho)
+    band_w = (1 / obj) / (1 / obj).mean()
+    opt, gen, diffusion = make_optimizer(model, 1e-5, 1e-3), torch.Generator().manual_seed(0), Diffusion.make()
+    for p in trained(model):  # steps and clip ratios only
+        p.requires_grad_(p.dim() <= 1)
+    print(f"W4A4 SVDQuant-HadaNorm (double Hadamard): steps and clip ratios learned on noised Fashion-MNIST images, batch {n}, against {dit.DEFAULT_CKPT}'s ε")
+    print(f"  step   0  {band_report(start, start)}")
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(images), (n,), generator=gen)
+        batch = noised_batch(images[idx], labels[idx], gen, diffusion, fp.num_classes)
+        loss = qat_loss(model, fp, batch, band_w, 9.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 10 == 0:
+            print(f"  step {step:3d}  {band_report(band_errors(model, ho)[0], start)}")
+    print(f"{steps} steps in {time.time() - t0:.0f} s; a real run: python qat.py @config/qat_w4a4.args   (see docs/qat.md)")
 
 
 def snapshot_path(out, step):
@@ -374,10 +452,14 @@ def main(argv=None):
     args = get_args(argv)
     t0 = time.time()
     if args.cmd == "score":
-        fp = dit.load_checkpoint(args.ckpt)[0].requires_grad_(False)
-        data = trajectories(fp, args.traj, args.steps, args.traj_cfg, seed=args.seed)
+        fp = dit.load_checkpoint(args.ckpt)[0].requires_grad_(False).eval()
+        ho = held_out(fp, args.eval_n, args.eval_seed, args.data_dir)
+        print(f"guided ε MSE against the FP model at CFG {args.cfg:g}, {args.eval_n} held-out test images x 10 timesteps (seed {args.eval_seed}):")
+        first = None
         for path in args.qckpt:
-            print(f"{path}: MSE(ε_q, ε_fp) {score(integer.load_quantized(path)[0], data, loss=args.loss):.3e} ({args.loss}) on {args.traj} trajectories x {args.steps} steps (seed {args.seed}, CFG {'/'.join(map(str, args.traj_cfg))})")
+            g = band_errors(integer.load_quantized(path)[0], ho, args.cfg)[0]
+            first = g if first is None else first
+            print(f"{path}: {band_report(g, first)}")
         return
     model, recipe, cfg, losses = train(args)
     msg = f"QAT {recipe.method} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"

@@ -1,5 +1,6 @@
-"""qat.py: LSQ/STE gradients, a QAT step lowers the distillation loss, exact resume, integer ==
-sim."""
+"""qat.py: LSQ/STE gradients, the training batches and loss, per-band metric, what learns when,
+the EMA, exact resume, integer == sim, the CLIs."""
+import copy
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import dit
 import integer
 import qat
 import quant
+from diffusion import Diffusion
 from quant import QConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,94 +71,140 @@ def test_clip_ratio_gradient_reaches_each_bucket_and_matches_finite_differences_
     torch.testing.assert_close(auto, torch.tensor(fd), rtol=1e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize("act,init,loss",
-                         [("token", "hadanorm", "guided"), ("static", "hadanorm", "branch"),
-                                           ("token", "svdquant-hadanorm", "guided")])
-def test_a_few_qat_steps_lower_the_distillation_loss(teacher, act, init, loss):
-    fp, _ = dit.load_checkpoint(teacher)
-    model, rec = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4, act=act, init=init)
-    # trajectories 0, 2 at CFG 4; 1, 3 at 1.5
-    data = qat.trajectories(fp, n=4, steps=3, cfg_scale=(4.0, 1.5))
-    one = qat.trajectories(fp, n=4, steps=3, cfg_scale=4.0)
-    assert [len(d) for d in data] == [12] * 6 and data[5].tolist() == [4.0, 1.5, 4.0, 1.5] * 3
-    # (steps x trajectories): the CFG-4 trajectories agree with `one`
-    at4 = torch.tensor([0, 2, 4, 6, 8, 10])
-    for d, o in zip(data, one):
-        torch.testing.assert_close(d[at4], o[at4])
-    # the CFG-1.5 ones go elsewhere after step 0
-    assert not torch.allclose(data[0][[5, 9]], one[0][[5, 9]])
-    qs = [m for m in model.modules() if isinstance(m, quant.QuantLinear)]
-    assert (init == "svdquant-hadanorm") == all(q.lora_u is not None and q.lora_u.requires_grad for q in qs)
-    opt = qat.make_optimizer(model, 1e-4, 1e-3)
-    before = qat.distill_loss(model, data, loss).item()
-    a0 = [(q.a_clip if act == "token" else q.a_scale).detach().clone() for q in qs]
-    for _ in range(5):
-        opt.zero_grad()
-        qat.distill_loss(model, data, loss).backward()
-        opt.step()
-    a = [q.a_clip if act == "token" else q.a_scale for q in qs]
-    # gradients reach the activation steps
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in a)
-    assert all(not torch.equal(p, p0) for p, p0 in zip(a, a0))  # and move them
-    assert qat.distill_loss(model, data, loss).item() < before
-
-
-def test_guided_loss_is_the_error_of_what_the_sampler_uses(teacher):
-    """The guided loss equals the MSE of ε_null + s (ε_cond − ε_null) between the two models, at
-    each trajectory's own scale (a loss on the two halves alone does not)."""
-    fp, _ = dit.load_checkpoint(teacher)
-    model, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4)
-    # no quantizer: the sums must agree to float rounding, whatever the batch
+def perturbed(model, scale=0.01, seed=0):
+    """The model with its quantizers off and its weights moved: differs from the teacher by a
+    known, quantizer-free amount, so sums must agree to float rounding."""
+    g = torch.Generator().manual_seed(seed)
     quant.set_quantization(model, False)
     with torch.no_grad():
         for q in model.modules():
             if isinstance(q, quant.QuantLinear):
-                # a model that differs from the teacher
-                q.weight += 0.01 * torch.randn_like(q.weight)
-    data = qat.trajectories(fp, n=2, steps=2, cfg_scale=(4.0, 1.5))
-    x, t, y, ec, eu, s = data
+                q.weight += scale * torch.randn(q.weight.shape, generator=g)
+    return model
+
+
+def test_noised_batches_are_fresh_never_at_t0_and_drop_a_tenth_of_the_labels():
+    diffusion, g = Diffusion.make(), torch.Generator().manual_seed(0)
+    x0, y = torch.rand(4000, 1, 2, 2), torch.arange(4000) % 10
+    x, t, yy = qat.noised_batch(x0, y, g, diffusion, 10, null_p=0.1)
+    assert t.min() == 1 and t.max() == 999  # uniform over 1..999: t = 0 never trained on
+    assert 0.08 < (yy == 10).float().mean() < 0.12 and torch.equal(yy[yy != 10], y[yy != 10])
+    noise = (x - diffusion._at(diffusion.sqrt_alphas_cumprod, t, x0) * x0) / \
+        diffusion._at(diffusion.sqrt_one_minus_alphas_cumprod, t, x0)
+    assert abs(noise.std() - 1) < 0.05  # x_t = q_sample(x0, t, ε), ε ~ N(0, 1)
+    x2, t2, _ = qat.noised_batch(x0, y, g, diffusion, 10)
+    assert not torch.equal(t, t2) and not torch.allclose(x, x2)  # fresh every call
+
+
+def test_loss_sees_errors_the_guided_output_cancels_and_weighs_the_difference():
+    torch.manual_seed(0)
+    ec, eu, v = torch.randn(3, 2, 1, 4, 4).unbind(0)
+    s = 4.0
+    # errors with s e_c = (s - 1) e_u: the guided output e_u + s (e_c - e_u) is exact
+    qc, qu = ec + (s - 1) * v, eu + s * v
+    assert ((qu - eu) + s * ((qc - ec) - (qu - eu))).abs().max() < 1e-5
+    got = qat.per_sample_error(qc, qu, ec, eu, (s - 1) ** 2)
+    want = ((s - 1) ** 2 + s ** 2 + (s - 1) ** 2 * 1) * v.pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(got, want)
+    # equal errors of both halves (guidance cancels them): no difference term
+    torch.testing.assert_close(qat.per_sample_error(ec + v, eu + v, ec, eu, 9.0),
+                               2 * v.pow(2).flatten(1).mean(1))
+
+
+def test_qat_loss_weighs_each_sample_by_its_timestep_band(teacher):
+    fp, _ = dit.load_checkpoint(teacher)
+    model = perturbed(qat.prepare(fp, 4, 4, "double", init="plain")[0])
+    g = torch.Generator().manual_seed(0)
+    x, t, y = torch.randn(4, 1, 32, 32, generator=g), torch.tensor([5, 150, 420, 990]), torch.tensor([1, 2, 3, 10])
+    with torch.no_grad():
+        ec, eu = qat.both_halves(fp, x, t, y)
+        qc, qu = qat.both_halves(model, x, t, y)
+        each = qat.per_sample_error(qc, qu, ec, eu, 9.0)
+        for b, i in ((0, 0), (1, 1), (4, 2), (9, 3)):
+            w = torch.zeros(10)
+            w[b] = 1.0
+            got = qat.qat_loss(model, fp, (x, t, y), w, 9.0)
+            torch.testing.assert_close(got, each[i] / 4)  # only the sample in band b counts
+
+
+def test_band_errors_are_the_guided_error_the_sampler_sees_per_band(teacher, fake_fmnist):
+    fp, _ = dit.load_checkpoint(teacher)
+    ho = qat.held_out(fp, n=3, seed=7, data_dir=fake_fmnist)
+    x, t, y, ec, eu = ho
+    assert len(x) == 30 and sorted(set(t.tolist())) == list(range(50, 1000, 100))  # t = 0 out
+    model = perturbed(qat.prepare(fp, 4, 4, "double", init="plain")[0])
+    guided_err, obj = qat.band_errors(model, ho, 4.0)
     with torch.no_grad():
         from diffusion import guided
-        got = qat.distill_loss(model, data, "guided").item()
-        want = torch.cat([(guided(model, y[i:i + 1], s[i].item())(x[i:i + 1], t[i:i + 1])
-                           - (eu[i] + s[i] * (ec[i] - eu[i]))).pow(2).flatten() for i in range(len(x))]).mean()
-        assert abs(got - want.item()) <= 1e-5 * want.item() + 1e-8
-        assert abs(qat.distill_loss(model, data, "branch").item() - got) > 1e-3 * got
+        for band in (0, 6):
+            i = (t // 100 == band).nonzero().flatten()
+            out = guided(model, y[i], 4.0, guide_channels=None)(x[i], t[i])
+            want = (out - (eu[i] + 4.0 * (ec[i] - eu[i]))).pow(2).mean()
+            assert abs(guided_err[band] - want) <= 1e-4 * want
+    assert torch.equal(qat.band_errors(fp, ho)[0], torch.zeros(10))  # the teacher scores 0
+    assert (obj > guided_err / 16).all()
 
 
-def test_hadanorm_init_with_token_clip_starts_at_ptq_hadanorm(teacher):
-    """Step 0 of the default QAT (clip ratios 1) is PTQ HadaNorm in the single-Hadamard form; the
-    double form is exactly PTQ HadaNorm."""
+def args(teacher, data_dir, run, iters, *extra):
+    return qat.get_args(["train", "--ckpt", teacher, "--data-dir", data_dir, "--iters", str(iters),
+                         "--batch-size", "4", "--eval-n", "2", "--state-dir", run,
+                         "--ckpt-every", "2", "--lr", "1e-3", "--lr-scale", "1e-2", *extra])
+
+
+def test_steps_learn_first_weights_from_weights_from_and_the_ema_is_what_comes_out(tmp_path, teacher, fake_fmnist):
+    fp, _ = dit.load_checkpoint(teacher)
+    start, _ = qat.prepare(fp, 4, 4, "single", init="svdquant-hadanorm")
+    w0 = [p.clone() for q in start.modules() if isinstance(q, quant.QuantLinear) for p in qat.weights_of(q)]
+    s0 = [p.clone() for q in start.modules() if isinstance(q, quant.QuantLinear) for p in qat.steps_of(q)]
+    # weights and branch frozen until --weights-from; steps and clip ratios move from step 0
+    steps_only, *_ = qat.train(args(teacher, fake_fmnist, str(tmp_path / "a"), 3, "--weights-from", "3"))
+    w = [p for q in steps_only.modules() if isinstance(q, quant.QuantLinear) for p in qat.weights_of(q)]
+    s = [p for q in steps_only.modules() if isinstance(q, quant.QuantLinear) for p in qat.steps_of(q)]
+    assert len(w) == 3 * len(s) // 2 and all(torch.equal(a, b) for a, b in zip(w, w0))
+    assert sum(not torch.equal(a, b) for a, b in zip(s, s0)) >= len(s) // 2
+    both, *_ = qat.train(args(teacher, fake_fmnist, str(tmp_path / "b"), 3, "--weights-from", "1"))
+    w = [p for q in both.modules() if isinstance(q, quant.QuantLinear) for p in qat.weights_of(q)]
+    assert all(not torch.equal(a, b) for a, b in zip(w, w0))
+    # what train returns (and exports) is the EMA, not the last iterate
+    st = torch.load(str(tmp_path / "b" / "state.pt"), weights_only=False)
+    assert all(torch.equal(e, p) for e, p in zip(st["ema"], qat.trained(both)))
+    raw = copy.deepcopy(both)
+    raw.load_state_dict(st["model"])
+    assert any(not torch.equal(e, p) for e, p in zip(st["ema"], qat.trained(raw)))
+
+
+def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teacher, fake_fmnist):
+    _, _, _, full = qat.train(args(teacher, fake_fmnist, str(tmp_path / "a"), 4, "--weights-from", "1"))
+    _, _, _, first = qat.train(args(teacher, fake_fmnist, str(tmp_path / "b"), 4, "--weights-from", "1",
+                                    "--stop-after", "2"))
+    m, _, _, rest = qat.train(args(teacher, fake_fmnist, str(tmp_path / "b"), 4, "--weights-from", "1",
+                                   "--resume"))
+    assert len(first) == 2 and first + rest == full  # generator, optimizer and EMA all resumed
+    with pytest.raises(ValueError, match="other settings"):
+        qat.train(args(teacher, fake_fmnist, str(tmp_path / "b"), 6, "--resume", "--abits", "3"))
+
+
+def test_hadanorm_init_starts_at_the_ptq_model(teacher):
+    """Step 0 of the double form is exactly the PTQ model calibrate.py makes with the same
+    calibration; the single form (weights unrotated) is another model."""
     fp, _ = dit.load_checkpoint(teacher)
     x, t, y = torch.randn(2, 1, 32, 32), torch.tensor([40, 700]), torch.tensor([1, 2])
     ptq_model = dit.load_checkpoint(teacher)[0]
-    ptq, _ = calibrate.quantize_fp(ptq_model, "hadanorm", 4, 4, calib_n=2, calib_steps=4, seed=0)
-    double, rec = qat.prepare(fp, 4, 4, "double", calib_n=2, calib_steps=4)
-    assert rec.center == "dynamic" and all(torch.equal(ptq.scales[k], v)
-                                           for k, v in rec.scales.items())
+    ptq, _ = calibrate.quantize_fp(ptq_model, "svdquant-hadanorm", 4, 4, calib_n=2, calib_steps=4)
+    double, rec = qat.prepare(fp, 4, 4, "double", calib_n=2, calib_steps=4, init="svdquant-hadanorm")
+    single, _ = qat.prepare(fp, 4, 4, "single", calib_n=2, calib_steps=4, init="svdquant-hadanorm")
+    assert rec.center == "dynamic" and all(torch.equal(ptq.scales[k], v) for k, v in rec.scales.items())
     with torch.no_grad():
-        torch.testing.assert_close(double(x, t, y), ptq_model(x, t, y))
+        ref = ptq_model(x, t, y)
+        torch.testing.assert_close(double(x, t, y), ref)
+        assert not torch.allclose(single(x, t, y), ref, atol=1e-4)
 
-
-def args(teacher, run, iters, *extra):
-    return qat.get_args(["train", "--ckpt", teacher, "--iters", str(iters), "--traj", "2",
-                         "--steps", "3",
-                         "--batch-size", "4", "--state-dir", run, "--ckpt-every", "2", *extra])
-
-
-def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teacher):
-    _, _, _, full = qat.train(args(teacher, str(tmp_path / "a"), 4))
-    _, _, _, first = qat.train(args(teacher, str(tmp_path / "b"), 2))
-    _, _, _, rest = qat.train(args(teacher, str(tmp_path / "b"), 4, "--resume"))
-    assert first + rest == full
-    with pytest.raises(ValueError, match="other settings"):
-        qat.train(args(teacher, str(tmp_path / "b"), 6, "--resume", "--abits", "3"))
 
 
 @pytest.mark.parametrize("mode,act", [(m, "token") for m in qat.MODES] + [("single", "static")])
-def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, mode, act):
-    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / mode), 2, "--hadamard", mode,
-                                           "--act", act))
+def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, fake_fmnist, mode, act):
+    model, recipe, cfg, _ = qat.train(args(teacher, fake_fmnist, str(tmp_path / mode), 2, "--hadamard", mode,
+                                           "--act", act, "--weights-from", "1"))
     out = str(tmp_path / f"{mode}.pt")
     qat.export(model, recipe, cfg, out, {})
     loaded, _, rec = integer.load_quantized(out)
@@ -190,15 +238,15 @@ def test_bad_input_exit_2(teacher):
 
 
 @pytest.mark.slow
-def test_two_process_torchrun_matches_one_process(tmp_path, teacher):
+def test_two_process_torchrun_matches_one_process(tmp_path, teacher, fake_fmnist):
     import re
     runs = {"one": [sys.executable, "qat.py"],
             "two": [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node=2", "qat.py"]}
     got = {}
     for name, cmd in runs.items():
-        r = subprocess.run(cmd + ["train", "--ckpt", teacher, "--iters", "3", "--traj", "2",
-                                  "--steps", "3", "--batch-size", "4",
+        r = subprocess.run(cmd + ["train", "--ckpt", teacher, "--iters", "3", "--data-dir", fake_fmnist,
+                                  "--eval-n", "2", "--weights-from", "1", "--batch-size", "4",
                                   "--state-dir", str(tmp_path / name)], cwd=ROOT,
                                       capture_output=True, text=True,
                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
@@ -210,46 +258,80 @@ def test_two_process_torchrun_matches_one_process(tmp_path, teacher):
         assert abs(a - b) <= 1e-4 * abs(a)
 
 
-def test_lesson_loss_goes_down(capsys, monkeypatch):
+@pytest.fixture
+def silhouettes(tmp_path):
+    """Fashion-MNIST-shaped files of flat bright shapes whose size follows the class: like garments
+    on a black ground (uniform noise images are no test of a model trained on garments)."""
+    import numpy as np
+    import data
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("test", 32)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        imgs = np.zeros((n, 28, 28), np.uint8)
+        for i, c in enumerate(labels):
+            h, w = 8 + 2 * c, 20 - c
+            top, left = (28 - h) // 2 + rng.integers(-2, 3), (28 - w) // 2 + rng.integers(-2, 3)
+            imgs[i, top:top + h, left:left + w] = rng.integers(120, 255)
+        img_f, lab_f = data.FILES[split]
+        data.write_idx(str(tmp_path / img_f), imgs)
+        data.write_idx(str(tmp_path / lab_f), labels)
+    return str(tmp_path)
+
+
+def test_lesson_error_goes_down(capsys, monkeypatch, silhouettes):
     from conftest import ROOT
     monkeypatch.chdir(ROOT)  # the lesson reads the shipped checkpoint
-    qat.lesson(steps=10, n=2, traj_steps=3)
-    losses = [float(l.split()[-1]) for l in capsys.readouterr().out.splitlines() if l.strip().startswith("step")]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    qat.lesson(steps=10, n=4, data_dir=silhouettes)
+    rel = [float(l.split()[-1]) for l in capsys.readouterr().out.splitlines() if l.strip().startswith("step")]
+    assert rel[0] == 1.0 and len(rel) == 2 and rel[-1] < 0.995  # steps that do not learn: 1.000
 
 
-def test_evaluate_table_scores_a_qat_checkpoint(tmp_path, teacher, capsys):
+def test_evaluate_table_and_qat_score_read_a_qat_checkpoint(tmp_path, teacher, fake_fmnist, capsys):
     import evaluate
-    model, recipe, cfg, _ = qat.train(args(teacher, str(tmp_path / "r"), 1))
+    model, recipe, cfg, _ = qat.train(args(teacher, fake_fmnist, str(tmp_path / "r"), 1))
     out = str(tmp_path / "q.pt")
     qat.export(model, recipe, cfg, out, {})
     evaluate.main(["table", "--ckpt", teacher, "--n", "4", "--steps", "2", "--settings", "",
-                   "--methods", "",
+                   "--methods", "", "--data-dir", fake_fmnist,
                    "--qckpt", out, "--compile", "off"])
     rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
-    assert rows[1].startswith("| FP32 | fp32 (eager) | 1.5 | 4 |")
-    assert rows[2].startswith("| W4A4 hqdm-single (q.pt) | integer | 1.5 | 4 |")
-    qat.main(["score", out, "--ckpt", teacher, "--traj", "2", "--steps", "3", "--seed", "7"])
+    floor_fd = float(rows[1].split("|")[5].split("±")[0])
+    assert rows[1].startswith("| real training images (the floor) | - | 0 | 4 |")
+    assert rows[2].startswith("| FP32 | fp32 (eager) | 1.5 | 4 |")
+    assert rows[3].startswith("| W4A4 hqdm-single (q.pt) | integer | 1.5 | 4 |")
+    for r in rows[2:]:  # FD − floor beside FD
+        c = r.split("|")
+        assert abs(float(c[6]) - (float(c[5].split("±")[0]) - floor_fd)) < 0.02
+    qat.main(["score", out, "--ckpt", teacher, "--data-dir", fake_fmnist, "--eval-n", "3"])
+    line = capsys.readouterr().out.splitlines()[-1]
     fp = dit.load_checkpoint(teacher)[0]
-    data = qat.trajectories(fp, n=2, steps=3, seed=7)
-    got = float(capsys.readouterr().out.split("MSE(ε_q, ε_fp) ")[1].split()[0])
-    want = qat.score(integer.load_quantized(out)[0], data)
-    assert abs(got - want) <= 1e-3 * want  # the CLI prints score() of the loaded checkpoint
-    # chunks are weighted by their size (6 = 5 + 1): exact where no quantizer can flip a code with
-    # the batch shape (a 4-bit model's loss moves with the GEMM kernel a batch shape picks, by ~1e-4
-    # on AMX)
-    noisy = qat.prepare(fp, 8, 8, "none", init="plain")[0]
-    with torch.no_grad():
-        quant.set_quantization(noisy, False)
-        for p in noisy.parameters():
-            p += 0.01 * torch.randn_like(p)  # a model that differs from the teacher
-        full = qat.distill_loss(noisy, data).item()
-    assert abs(qat.score(noisy, data, chunk=5) - full) <= 1e-5 * full
+    want = qat.band_errors(integer.load_quantized(out)[0], qat.held_out(fp, 3, 7, fake_fmnist))[0]
+    assert line == f"{out}: {qat.band_report(want, want)}"  # the CLI scores the loaded checkpoint
     with pytest.raises(FileNotFoundError, match="no such file"):
         evaluate.main(["table", "--ckpt", teacher, "--qckpt", str(tmp_path / "none.pt")])
 
 
-def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teacher, capsys):
+def test_screen_ranks_the_model_closer_to_fp_first(tmp_path, teacher, capsys):
+    """W8A8 samples stay near FP's from the same noise, W4A3's do not: the screen must say so, on
+    its own seed."""
+    import evaluate
+    paths = []
+    for wbits, abits in ((4, 3), (8, 8)):
+        model, cfg = dit.load_checkpoint(teacher)
+        recipe, _ = calibrate.quantize_fp(model, "rtn", wbits, abits, calib_n=2, calib_steps=2)
+        integer.to_integer(model)
+        paths.append(str(tmp_path / f"w{wbits}a{abits}.pt"))
+        integer.save_quantized(paths[-1], model, cfg, recipe, {})
+    evaluate.main(["screen", *paths, "--ckpt", teacher, "--n", "8", "--steps", "4", "--compile", "off"])
+    out = capsys.readouterr().out.splitlines()
+    i = next(k for k, l in enumerate(out) if l.startswith("ranked by paired distance"))
+    assert "seed 3" in out[i] and "CFG 4" in out[i]
+    assert "w8a8.pt" in out[i + 1] and "w4a3.pt" in out[i + 2]
+    d8, d3 = float(out[i + 1].split()[0]), float(out[i + 2].split()[0])
+    assert 0 <= d8 < d3
+
+
+def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teacher, fake_fmnist, capsys):
     import sample
     setting = "w4a3"
     wbits, abits = sample.SETTINGS[setting]
@@ -261,7 +343,7 @@ def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teache
         sample.main(base)  # never calibrated on the fly
     path = sample.quantized_path(teacher, setting, "hqdm")
     qat.main(["train", "--ckpt", teacher, "--wbits", str(wbits), "--abits", str(abits),
-              "--iters", "1", "--traj", "2", "--steps", "3", "--batch-size", "4",
+              "--iters", "1", "--data-dir", fake_fmnist, "--eval-n", "2", "--batch-size", "4",
               "--state-dir", str(tmp_path / "run"), "--out", path])
     capsys.readouterr()
     sample.main(base)

@@ -66,7 +66,7 @@ def test_output_paths_are_checked_before_the_slow_part(tmp_path, tiny_ckpt):
     (("qat.py", "train", "--buckets", "0"), "argument --buckets"),
     (("qat.py", "train", "--ckpt-every", "0"), "argument --ckpt-every"),
     (("qat.py", "train", "--lr", "-1"), "argument --lr"),
-    (("qat.py", "train", "--traj-cfg", "nan"), "--traj-cfg"),
+    (("qat.py", "train", "--cfg", "nan"), "argument --cfg: nan is not a finite number"),
     (("calibrate.py", "--lora-iters", "0"), "argument --lora-iters"),
     (("calibrate.py", "--calib-n", "0"), "argument --calib-n"),
     (("calibrate.py", "--alpha", "nan"), "argument --alpha: nan is not a finite number"),
