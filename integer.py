@@ -6,8 +6,11 @@
     y = _int_mm(q, W_int) ⊙ (s_tok ⊗ s_ch) + μ̃ Q(W̃)ᵀ + bias + x V_rawᵀ Uᵀ (low-rank branch)
 
 The product of the codes is exact: torch._int_mm (int8 x int8 -> int32; oneDNN on the CPU). On a
-VNNI CPU oneDNN's u8 x s8 int8 linear measured as fast at all but one layer shape (qkv: 1.46x),
-which is not worth a second GEMM backend (docs/speed.md).
+VNNI or AMX CPU oneDNN's u8 x s8 int8 linear measured as fast at all but one layer shape (qkv:
+1.46x). On an x86 CPU without them (torch's capability AVX2) torch._int_mm is a reference loop,
+27x slower than that linear at the tiny model's qkv, so there the layer runs the u8 x s8 linear
+on codes + 128 (zero point 128) wherever its float32 result holds the integer sum exactly
+(4-bit weights; `gemm_for`; docs/speed.md).
 Weights are stored packed (two int4 per byte, quant.py) and unpacked once, when a model is loaded,
 into the int8 (K, N) operand _int_mm wants; no float copy of a quantized weight is kept. The
 quantize / dequantize steps around the GEMM are plain torch, which torch.compile fuses (sample.py
@@ -73,6 +76,10 @@ class IntLinear(nn.Module):
                         ("lora_vt", v if v is None else v.t()),  # (K, r)
                         ("lora_ut", v if v is None else self.lora_u.t())]:  # (r, N)
             self.register_buffer(name, None if t is None else t.contiguous(), persistent=False)
+        self.gemm, self.onednn = gemm_for(self.w_t, self.a_bits, self.hadamard == "single"), None
+
+    def __getstate__(self):  # copies and pickles leave the prepacked oneDNN weight (a cache) out
+        return dict(self.__dict__, onednn=None)
 
     def codes(self, xt, step):
         """x̃ (..., K) and its steps -> int8 codes (M, K')."""
@@ -96,9 +103,12 @@ class IntLinear(nn.Module):
         xt = xt.float()  # (S, T, K)
         st = quant.act_step(xt, self.a_bits, self.a_clip, self.a_scale, self.t_bucket)  # (S, T, 1)
         q = self.codes(xt, st)  # (M, K') int8
-        # exercise int_matmul: the exact int8 x int8 -> int32 product q Wᵀ of the codes, with torch._int_mm
-        acc = torch._int_mm(q, self.w_t)  # (M, N) int32
-        # end exercise int_matmul
+        if self.gemm == "onednn" and q.is_cpu:  # a CPU without VNNI/AMX (gemm_for)
+            acc = onednn_int_mm(self, q)  # (M, N) float32 holding the exact integer sums
+        else:
+            # exercise int_matmul: the exact int8 x int8 -> int32 product q Wᵀ of the codes, with torch._int_mm
+            acc = torch._int_mm(q, self.w_t)  # (M, N) int32
+            # end exercise int_matmul
         y = acc.view(*x.shape[:-1], -1) * (st * self.w_step)  # (S, T, N): s_tok ⊗ s_ch
         if mu is not None:  # HadaNorm: + μ̃ Q(W̃)ᵀ, against the codes (no float copy of W kept)
             y = y + (self.widen(mu.float()) @ self.w_t.float()) * self.w_step
@@ -110,6 +120,38 @@ class IntLinear(nn.Module):
 
     def extra_repr(self):
         return f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits}, center={self.center}, hadamard={self.hadamard}"
+
+
+GEMM = "auto"  # "auto": gemm_for decides; "int_mm" or "onednn" to force one (tests, bench.py)
+
+
+def gemm_for(w_t, a_bits, widened):
+    """The GEMM a layer runs on the CPU: "onednn" (u8 x s8 linear, float32 output) where torch's
+    CPU capability is AVX2 or less (no VNNI/AMX: _int_mm is a reference loop there), if it is
+    exact; else "int_mm". Exact: every sum below 2^24 (float32 holds it), and every pair of u8 x s8
+    products below 2^15 (AVX2 adds them in saturating int16: 8-bit weights would overflow)."""
+    qmax = 2 ** (a_bits - 1) * (16 if widened else 1)  # HQ-DM's operand is [q, 16 q]
+    exact = (w_t.abs().sum(0).max().item() * qmax < 2 ** 24
+             and 2 * (128 + qmax) * w_t.abs().max().item() < 2 ** 15)
+    slow = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
+    want = GEMM if GEMM != "auto" else ("onednn" if slow else "int_mm")
+    ok = exact and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
+    return "onednn" if want == "onednn" and ok else "int_mm"
+
+
+@torch.compiler.disable  # important! the prepacked oneDNN weight is opaque to torch.compile
+def onednn_int_mm(layer, q):
+    """q Wᵀ by oneDNN's u8 x s8 int8 linear: codes + 128 with zero point 128 (oneDNN subtracts
+    128 Σ w), output scale 1, so the float32 output is the integer sum. The weight is prepacked
+    on first use."""
+    if layer.onednn is None:
+        n = layer.w_t.shape[1]
+        layer.onednn = (torch.ops.onednn.qlinear_prepack(layer.w_t.t().contiguous(), None),
+                        torch.ones(n), torch.zeros(n, dtype=torch.int64))
+    packed, ones, zeros = layer.onednn
+    qu = (q.to(torch.int16) + 128).to(torch.uint8)  # (M, K') u8
+    return torch.ops.onednn.qlinear_pointwise(qu, 1.0, 128, packed, ones, zeros, None, 1.0, 0,
+                                              torch.float32, "none", [], "")
 
 
 def raw_input_branch(layer):

@@ -144,12 +144,38 @@ def test_int_matmul_multiplies_int8_codes_with_int_mm(monkeypatch):
         calls.append((a.dtype, b.dtype, tuple(a.shape), tuple(b.shape)))
         return real(a, b)
     monkeypatch.setattr(torch, "_int_mm", spy)
+    monkeypatch.setattr(integer, "GEMM", "int_mm")  # an AVX2 CPU would pick oneDNN's linear
     torch.manual_seed(0)
     q = integer.to_integer(QuantLinear(nn.Linear(192, 96), QConfig(4), QConfig(4),
                                        hadamard="double", center="dynamic"))
     with torch.no_grad():
         q(torch.randn(2, 16, 192))
     assert calls == [(torch.int8, torch.int8, (32, 192), (192, 96))]
+
+
+@pytest.mark.parametrize("hadamard", ["double", "single"])
+def test_onednn_gemm_equals_int_mm_and_is_refused_where_float32_would_round(monkeypatch, hadamard):
+    """The GEMM of CPUs without VNNI (oneDNN's u8 x s8 linear, float32 out) gives _int_mm's sums
+    exactly; a layer whose sums can pass 2^24 keeps _int_mm whatever is asked."""
+    torch.manual_seed(0)
+    lin = nn.Linear(192, 96)
+    q = QuantLinear(lin, QConfig(4), QConfig(4), hadamard=hadamard, center="dynamic")
+    x = torch.randn(2, 16, 192) * 3
+    outs = {}
+    for gemm in ("int_mm", "onednn"):
+        monkeypatch.setattr(integer, "GEMM", gemm)
+        iq = integer.to_integer(q)
+        if gemm == "onednn" and iq.gemm != "onednn":
+            pytest.skip("this torch has no oneDNN int8 linear")
+        assert iq.gemm == gemm
+        with torch.no_grad():
+            outs[gemm] = iq(x)
+    assert torch.equal(outs["int_mm"], outs["onednn"])
+    w_t = torch.full((20000, 4), 7, dtype=torch.int8)  # (K, N) 4-bit codes
+    assert integer.gemm_for(w_t[:10000], 8, False) == "onednn"  # sums up to 9.0e6 < 2^24
+    assert integer.gemm_for(w_t, 8, False) == "int_mm"  # 1.8e7: float32 would round them
+    w8 = integer.to_integer(QuantLinear(nn.Linear(192, 48), QConfig(8), QConfig(4)))
+    assert w8.gemm == "int_mm"  # AVX2's int16 pairs: 2 · 136 · 127 > 2^15
 
 
 def test_int_matmul_is_exact_where_float32_rounds():
