@@ -38,7 +38,7 @@ import calibrate
 import data
 import dit
 import integer
-from diffusion import Diffusion
+from diffusion import Diffusion, sample_states
 from quant import QConfig, QuantLinear, Recipe
 
 MODES = ("single", "none", "double")  # quant.HADAMARD
@@ -128,6 +128,14 @@ def noised_batch(x0, y, gen, diffusion, num_classes, null_p=0.1):
     return diffusion.q_sample(x0, t, noise), t, torch.where(drop, num_classes, y)
 
 
+@torch.no_grad()
+def trajectory_pool(fp, n, steps=50, cfg_scale=4.0, seed=0):
+    """The states (x_t, t, y) the sampler feeds the model: n FP DDIM trajectories at cfg_scale on
+    the sampler's own grid, every class alike, t = 0 out -> (x, t, y) of n · (steps − 1) states."""
+    states = [s for s in sample_states(fp, n, steps, cfg_scale, seed) if bool((s[1] > 0).all())]
+    return tuple(torch.cat(v) for v in zip(*states))
+
+
 def both_halves(model, x, t, y):
     """(ε_cond, ε_null): both CFG halves, run as one batch as the sampler runs them."""
     null = torch.full_like(y, getattr(model, "module", model).num_classes)  # DDP wraps in .module
@@ -158,15 +166,16 @@ def qat_loss(model, fp, batch, band_w, diff_weight):
 #################################################################################
 
 @torch.no_grad()
-def held_out(fp, n=40, seed=7, data_dir=None):
+def held_out(fp, n=40, seed=7, data_dir=None, at_t0=False):
     """Fixed held-out states from the test split: n images, each at the centre of every band
-    (t = 50, 150, ..., 950), fixed noise, with the FP model's ε of both halves."""
+    (t = 50, 150, ..., 950), fixed noise, with the FP model's ε of both halves. at_t0: the same
+    images at t = 0 alone (the diagnosis: what t = 0 weighed in the old loss)."""
     x0, y = data.load("test", data_dir)
     g, diffusion = torch.Generator().manual_seed(seed), Diffusion.make()
     idx = torch.randperm(len(x0), generator=g)[:n]
-    bands = diffusion.num_timesteps // BAND
+    bands = 1 if at_t0 else diffusion.num_timesteps // BAND
     x0, y = x0[idx].repeat_interleave(bands, 0), y[idx].repeat_interleave(bands)  # (n·bands, ...)
-    t = (torch.arange(bands) * BAND + BAND // 2).repeat(len(idx))
+    t = (torch.arange(bands) * BAND + (0 if at_t0 else BAND // 2)).repeat(len(idx))
     x = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=g))
     ec, eu = zip(*(both_halves(fp, x[i:i + 200], t[i:i + 200], y[i:i + 200])
                    for i in range(0, len(x), 200)))
@@ -230,7 +239,9 @@ def get_args(argv=None):
     t.add_argument("--lr-scale", type=common.number(float, above=0), default=3e-4, help="step sizes and clip ratios, cosine to 0")
     t.add_argument("--grad-clip", type=common.number(float, above=0), default=1.0, help="gradient norm clipping")
     t.add_argument("--ema", type=common.number(float, 0, 1), default=0.995, help="EMA decay of the trained tensors (0: none); the EMA is exported")
-    t.add_argument("--null-p", type=common.number(float, 0, 1), default=0.1, help="share of null labels")
+    t.add_argument("--null-p", type=common.number(float, 0, 1), default=0.1, help="share of null labels (--states data)")
+    t.add_argument("--states", default="data", choices=("data", "trajectories"), help="data: training images noised at a uniform t; trajectories: a pool of the FP model's own DDIM states at --cfg (what the sampler feeds the model)")
+    t.add_argument("--pool", type=common.POSITIVE, default=256, help="--states trajectories: FP trajectories in the pool (50 DDIM steps each, t = 0 out)")
     t.add_argument("--diff-weight", type=common.number(float, 0), default=None, help="λ of the halves' difference (default (cfg - 1)²)")
     t.add_argument("--seed", type=common.number(int, 0), default=0, help="seed of the batches")
     t.add_argument("--state-dir", default="runs/qat", help="folder of the resumable state")
@@ -243,6 +254,7 @@ def get_args(argv=None):
     t.add_argument("--force", action="store_true", help="let --out replace a shipped checkpoint")
     sc = sub.add_parser("score", parents=[shared], help="guided ε MSE per timestep band (t = 0 out) of saved quantized checkpoints on held-out test images")
     sc.add_argument("qckpt", nargs="+")
+    sc.add_argument("--t0", action="store_true", help="also the guided error at t = 0 (never trained on nor scored), against the mean band")
     args = ap.parse_args(argv)
     if args.cmd == "train":
         common.check_output(args.out, (args.ckpt,), "--out", args.force)
@@ -255,7 +267,7 @@ def get_args(argv=None):
 
 IDENTITY = ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "init", "act", "iters",
             "weights_from", "batch_size", "lr", "lr_scale", "grad_clip", "ema", "null_p",
-            "diff_weight", "cfg", "eval_n", "eval_seed", "seed")
+            "diff_weight", "cfg", "eval_n", "eval_seed", "seed", "states", "pool")
 
 
 def rates(step, args):
@@ -303,7 +315,11 @@ def train(args):
     rank, world, device = common.setup_distributed(args.device, args.batch_size)
     fp, cfg = dit.load_checkpoint(args.ckpt)
     fp = fp.to(device).requires_grad_(False).eval()
-    images, labels = data.load("train", args.data_dir)
+    if args.states == "data":
+        images, labels = data.load("train", args.data_dir)
+    else:  # deterministic from --seed: rebuilt the same on resume
+        images, labels = None, None
+        pool = trajectory_pool(fp, args.pool, cfg_scale=args.cfg, seed=args.seed + 1)
     os.makedirs(args.state_dir, exist_ok=True)
     state_path = os.path.join(args.state_dir, "state.pt")
     model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets,
@@ -341,8 +357,12 @@ def train(args):
         opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr_w, lr_s
         for p in params:  # weights get no gradient (nor its cost) before --weights-from
             p.requires_grad_(lr_w > 0 or id(p) not in weights)
-        idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
-        batch = noised_batch(images[idx], labels[idx], gen, diffusion, fp.num_classes, args.null_p)
+        if images is not None:
+            idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
+            batch = noised_batch(images[idx], labels[idx], gen, diffusion, fp.num_classes, args.null_p)
+        else:
+            idx = torch.randint(0, len(pool[0]), (args.batch_size,), generator=gen)
+            batch = [v[idx] for v in pool]
         batch = [v[rank * b:(rank + 1) * b].to(device) for v in batch]
         loss = qat_loss(net, fp, batch, band_w, args.diff_weight)
         opt.zero_grad(set_to_none=True)
@@ -454,12 +474,18 @@ def main(argv=None):
     if args.cmd == "score":
         fp = dit.load_checkpoint(args.ckpt)[0].requires_grad_(False).eval()
         ho = held_out(fp, args.eval_n, args.eval_seed, args.data_dir)
+        ho0 = held_out(fp, args.eval_n, args.eval_seed, args.data_dir, at_t0=True) if args.t0 else None
         print(f"guided ε MSE against the FP model at CFG {args.cfg:g}, {args.eval_n} held-out test images x 10 timesteps (seed {args.eval_seed}):")
         first = None
         for path in args.qckpt:
-            g = band_errors(integer.load_quantized(path)[0], ho, args.cfg)[0]
+            model = integer.load_quantized(path)[0]
+            g = band_errors(model, ho, args.cfg)[0]
             first = g if first is None else first
-            print(f"{path}: {band_report(g, first)}")
+            line = f"{path}: {band_report(g, first)}"
+            if ho0 is not None:
+                e0 = band_errors(model, ho0, args.cfg)[0][0]
+                line += f"; t = 0: {e0:.2e} ({e0 / g.mean():.0f}x the mean band)"
+            print(line)
         return
     model, recipe, cfg, losses = train(args)
     msg = f"QAT {recipe.method} W{args.wbits}A{args.abits}: {len(losses)} steps in {time.time() - t0:.0f} s"

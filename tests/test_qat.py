@@ -96,6 +96,16 @@ def test_noised_batches_are_fresh_never_at_t0_and_drop_a_tenth_of_the_labels():
     assert not torch.equal(t, t2) and not torch.allclose(x, x2)  # fresh every call
 
 
+def test_trajectory_pool_holds_the_samplers_states_without_t0(teacher):
+    from diffusion import sample_states
+    fp, _ = dit.load_checkpoint(teacher)
+    x, t, y = qat.trajectory_pool(fp, 10, steps=5, cfg_scale=4.0, seed=3)
+    assert len(x) == len(t) == len(y) == 40 and t.min() > 0  # 4 of the 5 DDIM steps: t = 0 out
+    assert sorted(set(y.tolist())) == list(range(10))
+    want = sample_states(fp, 10, 5, 4.0, seed=3)[1]  # the second DDIM state, exactly
+    assert torch.equal(x[10:20], want[0]) and torch.equal(t[10:20], want[1])
+
+
 def test_loss_sees_errors_the_guided_output_cancels_and_weighs_the_difference():
     torch.manual_seed(0)
     ec, eu, v = torch.randn(3, 2, 1, 4, 4).unbind(0)
@@ -142,6 +152,8 @@ def test_band_errors_are_the_guided_error_the_sampler_sees_per_band(teacher, fak
             want = (out - (eu[i] + 4.0 * (ec[i] - eu[i]))).pow(2).mean()
             assert abs(guided_err[band] - want) <= 1e-4 * want
     assert torch.equal(qat.band_errors(fp, ho)[0], torch.zeros(10))  # the teacher scores 0
+    x0, t0, y0, _, _ = qat.held_out(fp, n=3, seed=7, data_dir=fake_fmnist, at_t0=True)  # the diagnosis
+    assert t0.tolist() == [0, 0, 0] and torch.equal(y0, y[::10])
     assert (obj > guided_err / 16).all()
 
 
@@ -171,6 +183,17 @@ def test_steps_learn_first_weights_from_weights_from_and_the_ema_is_what_comes_o
     raw = copy.deepcopy(both)
     raw.load_state_dict(st["model"])
     assert any(not torch.equal(e, p) for e, p in zip(st["ema"], qat.trained(raw)))
+
+
+def test_training_on_fp_trajectories_moves_the_steps_and_resumes_exactly(tmp_path, teacher, fake_fmnist):
+    extra = ("--states", "trajectories", "--pool", "2")
+    _, _, _, full = qat.train(args(teacher, fake_fmnist, str(tmp_path / "a"), 3, *extra))
+    _, _, _, first = qat.train(args(teacher, fake_fmnist, str(tmp_path / "b"), 3, *extra, "--stop-after", "1"))
+    m, _, _, rest = qat.train(args(teacher, fake_fmnist, str(tmp_path / "b"), 3, *extra, "--resume"))
+    assert first + rest == full and len(full) == 3
+    start, _ = qat.prepare(dit.load_checkpoint(teacher)[0], 4, 4, "single", init="svdquant-hadanorm")
+    moved = [not torch.equal(a, b) for a, b in zip(qat.trained(m), qat.trained(start))]
+    assert any(moved)
 
 
 def test_resume_gives_the_same_losses_and_refuses_other_settings(tmp_path, teacher, fake_fmnist):
