@@ -236,7 +236,8 @@ def get_args(argv=None):
     t.add_argument("--weights-from", type=common.number(int, 0), default=None, help="step from which weights and branch train too (default: never; steps and clip ratios only)")
     t.add_argument("--batch-size", type=common.POSITIVE, default=32, help="images per step (each runs both CFG halves)")
     t.add_argument("--lr", type=common.number(float, above=0), default=1e-5, help="weights and branch, cosine to 0 from --weights-from")
-    t.add_argument("--lr-scale", type=common.number(float, above=0), default=3e-4, help="step sizes and clip ratios, cosine to 0")
+    t.add_argument("--lr-scale", type=common.number(float, above=0), default=3e-4, help="activation step sizes and clip ratios, cosine to 0")
+    t.add_argument("--lr-wstep", type=common.number(float, 0), default=0.0, help="weight step sizes, cosine to 0 (0: the PTQ recipe's MSE-searched steps stay; Adam moves a step of ~0.05 by ~lr a step, so 3e-4 re-rounded 27%% of the int4 codes in 300 steps)")
     t.add_argument("--grad-clip", type=common.number(float, above=0), default=1.0, help="gradient norm clipping")
     t.add_argument("--ema", type=common.number(float, 0, 1), default=0.995, help="EMA decay of the trained tensors (0: none); the EMA is exported")
     t.add_argument("--null-p", type=common.number(float, 0, 1), default=0.1, help="share of null labels (--states data)")
@@ -266,16 +267,17 @@ def get_args(argv=None):
 
 
 IDENTITY = ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "init", "act", "iters",
-            "weights_from", "batch_size", "lr", "lr_scale", "grad_clip", "ema", "null_p",
+            "weights_from", "batch_size", "lr", "lr_scale", "lr_wstep", "grad_clip", "ema", "null_p",
             "diff_weight", "cfg", "eval_n", "eval_seed", "seed", "states", "pool")
 
 
 def rates(step, args):
-    """(weights' rate, steps' rate) at this step: cosine to 0 at --iters; weights at 0 before
-    --weights-from."""
+    """(weights', activation steps', weight steps' rate) at this step: cosine to 0 at --iters;
+    weights at 0 before --weights-from."""
     cos = lambda a: 0.5 * (1 + math.cos(math.pi * min(1.0, (step - a) / max(1, args.iters - a))))
     wf = args.weights_from
-    return (0.0 if wf is None or step < wf else args.lr * cos(wf)), args.lr_scale * cos(0)
+    return ((0.0 if wf is None or step < wf else args.lr * cos(wf)), args.lr_scale * cos(0),
+            args.lr_wstep * cos(0))
 
 
 def trained(model):
@@ -330,7 +332,8 @@ def train(args):
     band_w = (1 / obj) / (1 / obj).mean()  # each band's error relative to the start's
     params = trained(model)
     weights = {id(p) for m in model.modules() if isinstance(m, QuantLinear) for p in weights_of(m)}
-    opt = make_optimizer(model, args.lr, args.lr_scale)
+    wsteps = {id(m.w_scale) for m in model.modules() if isinstance(m, QuantLinear)}
+    opt = make_optimizer(model, args.lr, args.lr_scale, args.lr_wstep)
     ema = [p.detach().clone() for p in params]
     gen = torch.Generator().manual_seed(args.seed)
     step = resume(args, state_path, model, opt, gen, ema) if args.resume else 0
@@ -353,10 +356,11 @@ def train(args):
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     b = args.batch_size // world
     while step < args.iters:
-        lr_w, lr_s = rates(step, args)
-        opt.param_groups[0]["lr"], opt.param_groups[1]["lr"] = lr_w, lr_s
+        lr_w, lr_s, lr_ws = rates(step, args)
+        for group, lr in zip(opt.param_groups, (lr_w, lr_s, lr_ws)):
+            group["lr"] = lr
         for p in params:  # weights get no gradient (nor its cost) before --weights-from
-            p.requires_grad_(lr_w > 0 or id(p) not in weights)
+            p.requires_grad_((lr_w > 0 or id(p) not in weights) and (lr_ws > 0 or id(p) not in wsteps))
         if images is not None:
             idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
             batch = noised_batch(images[idx], labels[idx], gen, diffusion, fp.num_classes, args.null_p)
@@ -419,11 +423,14 @@ def steps_of(q, weight=False):
     return (weights_of(q) if weight else []) + [p for p in (q.w_scale, q.a_scale, q.a_clip) if p is not None]
 
 
-def make_optimizer(model, lr, lr_scale):
-    """AdamW over the QuantLinears: weights at lr, step sizes and clip ratios (LSQ) at lr_scale."""
+def make_optimizer(model, lr, lr_scale, lr_wstep=0.0):
+    """AdamW over the QuantLinears: weights at lr, activation steps and clip ratios (LSQ) at
+    lr_scale, weight steps at lr_wstep."""
     qs = [m for m in model.modules() if isinstance(m, QuantLinear)]
     return torch.optim.AdamW([{"params": [p for q in qs for p in weights_of(q)], "lr": lr},
-                              {"params": [p for q in qs for p in steps_of(q)], "lr": lr_scale}],
+                              {"params": [p for q in qs for p in steps_of(q) if p is not q.w_scale],
+                               "lr": lr_scale},
+                              {"params": [q.w_scale for q in qs], "lr": lr_wstep}],
                              weight_decay=0)
 
 
