@@ -462,6 +462,18 @@ def lesson(steps=20, n=16, data_dir=None):
     print(f"{steps} steps in {time.time() - t0:.0f} s; a real run: python qat.py @config/qat_w4a4.args   (see docs/qat.md)")
 
 
+def weight_drift(a, b):
+    """How far model b's 4-bit weights are from model a's: the share of int4 codes that differ and
+    the range of b's weight steps over a's."""
+    la = [m for m in a.modules() if isinstance(m, integer.IntLinear)]
+    lb = [m for m in b.modules() if isinstance(m, integer.IntLinear)]
+    if len(la) != len(lb) or any(x.w_t.shape != y.w_t.shape for x, y in zip(la, lb)):
+        return "weights not comparable"
+    changed = sum((x.w_t != y.w_t).sum().item() for x, y in zip(la, lb))
+    r = torch.cat([(y.w_step / x.w_step).flatten() for x, y in zip(la, lb)])
+    return f"int4 codes changed {100 * changed / sum(x.w_t.numel() for x in la):.1f}%, weight steps {r.min():.2f}-{r.max():.2f}x"
+
+
 def snapshot_path(out, step):
     return f"{out[:-3] if out.endswith('.pt') else out}_iter{step}.pt"
 
@@ -483,12 +495,16 @@ def main(argv=None):
         ho = held_out(fp, args.eval_n, args.eval_seed, args.data_dir)
         ho0 = held_out(fp, args.eval_n, args.eval_seed, args.data_dir, at_t0=True) if args.t0 else None
         print(f"guided ε MSE against the FP model at CFG {args.cfg:g}, {args.eval_n} held-out test images x 10 timesteps (seed {args.eval_seed}):")
-        first = None
+        first = first_model = None
         for path in args.qckpt:
             model = integer.load_quantized(path)[0]
             g = band_errors(model, ho, args.cfg)[0]
             first = g if first is None else first
             line = f"{path}: {band_report(g, first)}"
+            if first_model is None:
+                first_model = model
+            else:
+                line += f"; {weight_drift(first_model, model)}"
             if ho0 is not None:
                 e0 = band_errors(model, ho0, args.cfg)[0][0]
                 line += f"; t = 0: {e0:.2e} ({e0 / g.mean():.0f}x the mean band)"

@@ -385,3 +385,19 @@ def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teache
     with pytest.raises(ValueError, match="trained from another FP file"):
         sample.main(base)
 
+
+
+def test_weight_drift_counts_re_rounded_codes_and_step_ratios():
+    from conftest import ROOT
+    a = integer.load_quantized(os.path.join(ROOT, "checkpoints", "dit_t4_w4a4_svdquant-hadanorm.pt"))[0]
+    b = copy.deepcopy(a)
+    assert qat.weight_drift(a, b) == "int4 codes changed 0.0%, weight steps 1.00-1.00x"
+    layers = [m for m in b.modules() if isinstance(m, integer.IntLinear)]
+    total = sum(m.w_t.numel() for m in layers)
+    with torch.no_grad():
+        layers[0].w_t += 1  # every code of the first layer re-rounded
+        layers[1].w_step *= 2
+    want = 100 * layers[0].w_t.numel() / total
+    assert 1 < want < 10
+    got = qat.weight_drift(a, b)
+    assert got == f"int4 codes changed {want:.1f}%, weight steps 1.00-2.00x", got
