@@ -1,25 +1,26 @@
-"""Quantization-aware training (HQ-DM's form and QuaRot's), distilled from the FP model on real data.
+"""Quantization-aware training (HQ-DM's form and QuaRot's), distilled from the FP model.
 
 The quantized model computes y = [Q_a(x Hᵀ) H] Q_w(W)ᵀ (single: HQ-DM, weights unrotated) or
 Q_a(x Hᵀ) Q_w(W Hᵀ)ᵀ (double) in every qkv/proj/fc1/fc2, after PTQ's centring and channel scale.
 Step sizes are learned (LSQ: d/ds [round(x/s) s] = round(x/s) − x/s), weights per output channel,
-activations per token with one learned clipping ratio per timestep bucket. The recipe follows the
-QAT that works for diffusion models (QVGen, EfficientDM):
-- inputs: Fashion-MNIST training images noised at a uniformly random t in 1..999 with fresh noise
-  every step, 10% of the labels null (as in pretraining); the FP model's ε is the target of both
-  CFG halves (conditional and null);
+activations per token with one learned clipping ratio per timestep bucket.
+- states (--states): the FP model's own DDIM states at CFG 4.0 (a pool of trajectories on the
+  sampler's grid), or Fashion-MNIST training images noised at a uniform t in 1..999 with fresh
+  noise every step and 10% null labels (QVGen's way); t = 0 never. The FP model's ε is the target
+  of both CFG halves (conditional and null);
 - loss: each half's error plus (s − 1)² times the error of their difference, so the guided output
   ε_u + s(ε_c − ε_u) the sampler uses is matched without losing the halves' cancellation; each
-  timestep band weighted by 1 / (the start's error there), so no t (t → 0 above all) dominates;
-- what learns: steps and clipping ratios from the start; weights (and an SVDQuant branch) only from
-  --weights-from on, at a small rate decaying to 0, with gradient clipping and an EMA of every
-  trained tensor (the EMA is what is exported).
+  timestep band weighted by 1 / (the start's error there), so no t dominates;
+- what learns: the activation clip ratios from the start; the weight steps only with --lr-wstep;
+  weights (and an SVDQuant branch) only from --weights-from on, at a small rate decaying to 0, with
+  gradient clipping and an EMA of every trained tensor (the EMA is what is exported).
 Step 0 is the PTQ recipe as calibrate.py makes it (same calibration), so the start is the shipped
-PTQ model. Choose snapshots by samples (evaluate.py screen), never by this loss.
+PTQ model. Choose snapshots by samples (evaluate.py screen), never by this loss: what paid here
+was 100 steps of clip ratios on the FP trajectories (docs/qat.md).
 
-    python qat.py train --init svdquant-hadanorm --hadamard double --out runs/qat/w4a4.pt
-    python qat.py score runs/qat/w4a4.pt checkpoints/dit_t4_w4a4_svdquant-hadanorm.pt
-    python qat.py                       # the lesson: a few steps, the per-band error going down
+    python qat.py @config/qat_w4a4_traj.args     # a real run (train; resumable, snapshots)
+    python qat.py score --t0 runs/qat/w4a4_traj_iter100.pt checkpoints/dit_t4_w4a4_svdquant-hadanorm.pt
+    python qat.py                                # the lesson: a few steps, the per-band error going down
 """
 import copy
 import dataclasses
@@ -435,31 +436,30 @@ def make_optimizer(model, lr, lr_scale, lr_wstep=0.0):
 
 
 def lesson(steps=20, n=16, data_dir=None):
-    """`python qat.py` with no arguments: W4A4 steps and clip ratios learned for a few steps on
-    noised training images, the held-out error per band going down."""
+    """`python qat.py` with no arguments: W4A4 clip ratios learned for a few steps on the FP
+    model's own DDIM states at CFG 4.0, the held-out error per band (test images) going down."""
     t0 = time.time()
     fp = dit.load_checkpoint(dit.DEFAULT_CKPT)[0].requires_grad_(False).eval()
     model, _ = prepare(fp, 4, 4, "double", init="svdquant-hadanorm", calib_n=4, calib_steps=10)
     model.eval()  # important! no label dropout
-    images, labels = data.load("train", data_dir)
+    pool = trajectory_pool(fp, 8)  # 8 trajectories x 49 DDIM states
     ho = held_out(fp, 8, data_dir=data_dir)
     start, obj = band_errors(model, ho)
     band_w = (1 / obj) / (1 / obj).mean()
-    opt, gen, diffusion = make_optimizer(model, 1e-5, 1e-3), torch.Generator().manual_seed(0), Diffusion.make()
-    for p in trained(model):  # steps and clip ratios only
+    opt, gen = make_optimizer(model, 1e-5, 1e-3), torch.Generator().manual_seed(0)
+    for p in trained(model):  # the clip ratios only: the recipe that paid (docs/qat.md)
         p.requires_grad_(p.dim() <= 1)
-    print(f"W4A4 SVDQuant-HadaNorm (double Hadamard): steps and clip ratios learned on noised Fashion-MNIST images, batch {n}, against {dit.DEFAULT_CKPT}'s ε")
+    print(f"W4A4 SVDQuant-HadaNorm (double Hadamard): clip ratios learned on {len(pool[0])} DDIM states of {dit.DEFAULT_CKPT} at CFG 4.0, batch {n}, against its ε")
     print(f"  step   0  {band_report(start, start)}")
     for step in range(1, steps + 1):
-        idx = torch.randint(0, len(images), (n,), generator=gen)
-        batch = noised_batch(images[idx], labels[idx], gen, diffusion, fp.num_classes)
-        loss = qat_loss(model, fp, batch, band_w, 9.0)
+        idx = torch.randint(0, len(pool[0]), (n,), generator=gen)
+        loss = qat_loss(model, fp, [v[idx] for v in pool], band_w, 9.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 10 == 0:
             print(f"  step {step:3d}  {band_report(band_errors(model, ho)[0], start)}")
-    print(f"{steps} steps in {time.time() - t0:.0f} s; a real run: python qat.py @config/qat_w4a4.args   (see docs/qat.md)")
+    print(f"{steps} steps in {time.time() - t0:.0f} s; a real run: python qat.py @config/qat_w4a4_traj.args   (see docs/qat.md)")
 
 
 def weight_drift(a, b):
