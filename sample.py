@@ -42,10 +42,12 @@ from diffusion import Diffusion, class_labels, guided, make_noise
 DEFAULT_CKPT = dit.DEFAULT_CKPT
 SETTINGS = {"w8a8": (8, 8), "w4a8": (4, 8), "w4a4": (4, 4), "w4a3": (4, 3)}
 QAT = "hqdm"  # a trained checkpoint (qat.py --out), never made on the fly
-# the best recipe per setting (docs/results.md: n = 1000 FD); QAT is the default nowhere: the
-# SVDQuant-HadaNorm PTQ models beat the QAT checkpoints at n = 1000, CFG 4.0
-BEST_METHOD = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "svdquant-hadanorm",
-               "w4a3": "svdquant-hadanorm"}
+# the best PTQ recipe per setting (docs/results.md: n = 1000), what a QAT default falls back to
+BEST_PTQ = {"w8a8": "ditas", "w4a8": "ditas", "w4a4": "svdquant-hadanorm",
+            "w4a3": "svdquant-hadanorm"}
+# the default per setting: at W4A4 and W4A3 the QAT checkpoints, trained from the PTQ ones
+# (docs/qat.md: n = 1000, CFG 4.0, seeds 1 and 2)
+BEST_METHOD = dict(BEST_PTQ, w4a4=QAT, w4a3=QAT)
 
 
 #################################################################################
@@ -237,7 +239,7 @@ def load_official_model(args):
     decoder = vae_lib.load_vae(args.vae)
     desc = "fp32"
     if args.bits:
-        method = args.method or (BEST_METHOD[args.bits] if args.bits else None)
+        method = args.method or BEST_PTQ[args.bits]  # no QAT file is made for official weights
         t0 = time.time()
         calibrate.quantize_fp(model.to(args.device), method, *SETTINGS[args.bits], calib_n=4,
                               calib_steps=10)
@@ -277,7 +279,7 @@ def load_model(args):
     if not args.bits and not args.qckpt:
         model, cfg = dit.load_checkpoint(args.ckpt)
         return model, cfg, "fp32"
-    method = args.method or (BEST_METHOD[args.bits] if args.bits else None)
+    method = args.method or default_method(args)
     path = args.qckpt or quantized_path(args.ckpt, args.bits, method)
     stale = False
     # cache made from this FP file?
@@ -295,6 +297,23 @@ def load_model(args):
     if args.qckpt:
         raise FileNotFoundError(f"quantized checkpoint not found: {path}")
     return calibrate_now(args, method, path)
+
+
+def default_method(args):
+    """The bit setting's default; a QAT default falls back to the best PTQ recipe (and says so)
+    where its trained file cannot serve: --simulate, or no file made from --ckpt beside it."""
+    if not args.bits:
+        return None
+    best = BEST_METHOD[args.bits]
+    if best == QAT and not args.qckpt:
+        path = quantized_path(args.ckpt, args.bits, QAT)
+        why = ("--simulate needs float weights" if args.simulate else
+               f"no {path} made from {args.ckpt}" if not (os.path.exists(path) and made_from(path, args.ckpt))
+               else None)
+        if why:
+            print(f"note: {why}; using the best PTQ recipe, {BEST_PTQ[args.bits]}", file=sys.stderr)
+            return BEST_PTQ[args.bits]
+    return best
 
 
 def load_saved(path, method, args):

@@ -357,26 +357,28 @@ def test_screen_ranks_the_model_closer_to_fp_first(tmp_path, teacher, capsys):
     assert 0 <= d8 < d3
 
 
-def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teacher, fake_fmnist, capsys):
+def test_sample_defaults_to_the_qat_checkpoint_beside_the_fp_one_and_falls_back_to_ptq(tmp_path, teacher, fake_fmnist, capsys):
     import sample
     setting = "w4a3"
     wbits, abits = sample.SETTINGS[setting]
-    tag, ptq = setting.upper(), sample.BEST_METHOD[setting]
+    tag, ptq = setting.upper(), sample.BEST_PTQ[setting]
+    assert sample.BEST_METHOD[setting] == "hqdm"
     png = str(tmp_path / "s.png")
-    base = ["--ckpt", teacher, f"--{setting}", "--method", "hqdm", "--n", "2", "--steps", "2",
-            "--out", png, "--compile", "off"]
+    plain = ["--ckpt", teacher, f"--{setting}", "--n", "2", "--steps", "2", "--out", png, "--compile", "off"]
+    base = plain + ["--method", "hqdm"]
     with pytest.raises(ValueError, match="QAT checkpoints come from training"):
-        sample.main(base)  # never calibrated on the fly
+        sample.main(base)  # asked for by name: never calibrated on the fly
+    sample.main(plain)  # the default without a QAT file: the best PTQ recipe, said so
+    out = capsys.readouterr()
+    assert f"{tag} {ptq} integer" in out.out and "using the best PTQ recipe" in out.err
     path = sample.quantized_path(teacher, setting, "hqdm")
     qat.main(["train", "--ckpt", teacher, "--wbits", str(wbits), "--abits", str(abits),
               "--iters", "1", "--data-dir", fake_fmnist, "--eval-n", "2", "--batch-size", "4",
               "--state-dir", str(tmp_path / "run"), "--out", path])
     capsys.readouterr()
-    sample.main(base)
-    assert f"{tag} hqdm-single integer (loaded" in capsys.readouterr().out
-    plain = [a for a in base if a not in ("--method", "hqdm")]
-    sample.main(plain)  # the QAT file beside --ckpt is never the default: the best PTQ recipe
-    assert f"{tag} {ptq} integer" in capsys.readouterr().out
+    for args in (base, plain):  # by name, and the default
+        sample.main(args)
+        assert f"{tag} hqdm-single integer (loaded" in capsys.readouterr().out
     sample.main(plain + ["--simulate"])  # QAT has no float form to simulate: the best PTQ recipe
     assert f"{tag} {ptq} simulated" in capsys.readouterr().out
     fp = torch.load(teacher, weights_only=True)
@@ -384,7 +386,8 @@ def test_sample_hqdm_loads_the_qat_checkpoint_beside_the_fp_one(tmp_path, teache
     torch.save(fp, teacher)
     with pytest.raises(ValueError, match="trained from another FP file"):
         sample.main(base)
-
+    sample.main(plain)  # a QAT file of another FP model is never the default
+    assert f"{tag} {ptq} integer" in capsys.readouterr().out
 
 
 def test_weight_drift_counts_re_rounded_codes_and_step_ratios():
