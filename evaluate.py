@@ -259,10 +259,11 @@ def quantized_models(ckpt, settings, methods, qckpts, simulate, compile="auto"):
 
 
 def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device="cpu", qckpts=(),
-          simulate=False, compile="auto", data_dir=None, with_floor=True):
+          simulate=False, compile="auto", data_dir=None, with_floor=True, with_fp=True):
     """The method x bits table, at each CFG scale: every row from the same noise and labels, PSNR
     and paired distance against the FP model's samples, each row says which path ran it; first
-    the floor (n real training images) unless with_floor is off. -> (lines, [(name, metrics)])."""
+    the floor (n real training images) unless with_floor is off; without with_fp no FP row (nor
+    PSNR or paired distance). -> (lines, [(name, metrics)])."""
     lines, results = [HEADER], []
 
     def emit(line):
@@ -279,10 +280,12 @@ def table(ckpt, n, steps, cfg_scales, seed, settings, methods, out=None, device=
         emit(row("real training images (the floor)", "-", 0, m, fd_floor=fd_floor))
     rows = list(quantized_models(ckpt, settings, methods, qckpts, simulate, compile))
     for cfg_scale in cfg_scales:
-        fp, _ = dit.load_checkpoint(ckpt)
-        m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
-        emit(row("FP32", "fp32 (eager)", cfg_scale, m, fd_floor=fd_floor))
-        results.append(("FP32", m))
+        ref_images = None
+        if with_fp:
+            fp, _ = dit.load_checkpoint(ckpt)
+            m, ref_images, _ = evaluate_model(fp.to(device), n, steps, cfg_scale, seed)
+            emit(row("FP32", "fp32 (eager)", cfg_scale, m, fd_floor=fd_floor))
+            results.append(("FP32", m))
         for name, path, build in rows:
             model, seconds = build()
             m, _, _ = evaluate_model(model.to(device), n, steps, cfg_scale, seed,
@@ -375,6 +378,7 @@ def main(argv=None):
     t.add_argument("--out", default=None, help="also write the table (markdown) here, row by row")
     t.add_argument("--data-dir", default=None, help=f"Fashion-MNIST's gz IDX files, for the floor row (default {data.DATA_DIR})")
     t.add_argument("--no-floor", action="store_true", help="skip the floor row (n real training images; needs the data set)")
+    t.add_argument("--no-fp", action="store_true", help="skip the FP row (an earlier table of the same n, seed and CFG has it; no PSNR or paired distance then)")
     s = sub.add_parser("screen", parents=[shared], help="rank quantized checkpoints by the paired distance of their samples to FP's (same noise; n 100, CFG 4.0, seed 3 unless given)")
     s.add_argument("qckpt", nargs="+")
     s.add_argument("--cfg", type=common.number(float, 0, 100), default=4.0, help="CFG scale")
@@ -430,7 +434,8 @@ def main(argv=None):
         methods = [m for m in parse_list(args.methods, "method") if calibrate.parse_method(m)]
         t0 = time.time()
         table(args.ckpt, args.n, args.steps, cfgs, args.seed, settings, methods, args.out, device,
-              args.qckpt, args.simulate, args.compile, args.data_dir, not args.no_floor)
+              args.qckpt, args.simulate, args.compile, args.data_dir, not args.no_floor,
+              not args.no_fp)
         print(f"(table: {time.time() - t0:.0f} s, n={args.n}, DDIM {args.steps}, seed {args.seed})")
         return
     if args.cmd == "screen":

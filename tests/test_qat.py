@@ -328,6 +328,12 @@ def test_evaluate_table_and_qat_score_read_a_qat_checkpoint(tmp_path, teacher, f
     for r in rows[2:]:  # FD − floor beside FD
         c = r.split("|")
         assert abs(float(c[6]) - (float(c[5].split("±")[0]) - floor_fd)) < 0.02
+    evaluate.main(["table", "--ckpt", teacher, "--n", "4", "--steps", "2", "--settings", "",
+                   "--methods", "", "--no-floor", "--no-fp", "--qckpt", out, "--compile", "off"])
+    again = [l for l in capsys.readouterr().out.splitlines() if l.startswith("| ")]
+    cols, ref = again[1].split("|"), rows[3].split("|")
+    assert len(again) == 2 and cols[:6] + cols[7:10] == ref[:6] + ref[7:10]  # same samples, no FP row
+    assert cols[6] == cols[10] == cols[11] == " - "  # no floor, paired distance or PSNR
     qat.main(["score", out, "--ckpt", teacher, "--data-dir", fake_fmnist, "--eval-n", "3"])
     line = capsys.readouterr().out.splitlines()[-1]
     fp = dit.load_checkpoint(teacher)[0]
