@@ -18,6 +18,7 @@ compiles the DiT block once for all blocks).
 
     python integer.py        # one layer of the shipped model, simulated vs integer: codes, outputs, bytes, time
 """
+import os
 import time
 
 import torch
@@ -122,7 +123,10 @@ class IntLinear(nn.Module):
         return f"{self.in_features}->{self.out_features}, W{self.w_bits}A{self.a_bits}, center={self.center}, hadamard={self.hadamard}"
 
 
-GEMM = "auto"  # "auto": gemm_for decides; "int_mm" or "onednn" to force one (tests, bench.py)
+# "auto": gemm_for decides; "int_mm" or "onednn" to force one. The tests pin "int_mm" (through
+# DIT4BIT_GEMM, which their subprocesses inherit), so the exercise's _int_mm is what they grade on
+# every CPU
+GEMM = os.environ.get("DIT4BIT_GEMM", "auto")
 
 
 def gemm_for(w_t, a_bits, widened):
@@ -134,6 +138,8 @@ def gemm_for(w_t, a_bits, widened):
     exact = (w_t.abs().sum(0).max().item() * qmax < 2 ** 24
              and 2 * (128 + qmax) * w_t.abs().max().item() < 2 ** 15)
     slow = torch.backends.cpu.get_cpu_capability() in ("DEFAULT", "AVX2")
+    if GEMM not in ("auto", "int_mm", "onednn"):
+        raise ValueError(f"DIT4BIT_GEMM={GEMM!r}: choose auto, int_mm or onednn")
     want = GEMM if GEMM != "auto" else ("onednn" if slow else "int_mm")
     ok = exact and hasattr(torch.ops.onednn, "qlinear_pointwise") and torch.backends.mkldnn.is_available()
     return "onednn" if want == "onednn" and ok else "int_mm"
