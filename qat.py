@@ -360,8 +360,10 @@ def train(args):
         lr_w, lr_s, lr_ws = rates(step, args)
         for group, lr in zip(opt.param_groups, (lr_w, lr_s, lr_ws)):
             group["lr"] = lr
-        for p in params:  # weights get no gradient (nor its cost) before --weights-from
-            p.requires_grad_((lr_w > 0 or id(p) not in weights) and (lr_ws > 0 or id(p) not in wsteps))
+        active = lambda p: (lr_w > 0 or id(p) not in weights) and (lr_ws > 0 or id(p) not in wsteps)
+        if world == 1:  # what does not learn gets no gradient (nor its cost); DDP's set is fixed
+            for p in params:
+                p.requires_grad_(active(p))
         if images is not None:
             idx = torch.randint(0, len(images), (args.batch_size,), generator=gen)
             batch = noised_batch(images[idx], labels[idx], gen, diffusion, fp.num_classes, args.null_p)
@@ -372,6 +374,9 @@ def train(args):
         loss = qat_loss(net, fp, batch, band_w, args.diff_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP: gradients averaged over the processes = the global batch's mean
+        for p in params:
+            if not active(p):  # under DDP: as if frozen (no clipping share, no Adam state)
+                p.grad = None
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], args.grad_clip)
         opt.step()
         step += 1
