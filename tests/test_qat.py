@@ -365,7 +365,7 @@ def test_screen_ranks_the_model_closer_to_fp_first(tmp_path, teacher, capsys):
 
 def test_sample_defaults_to_the_qat_checkpoint_beside_the_fp_one_and_falls_back_to_ptq(tmp_path, teacher, fake_fmnist, capsys):
     import sample
-    setting = "w4a3"
+    setting = "w4a4"
     wbits, abits = sample.SETTINGS[setting]
     tag, ptq = setting.upper(), sample.BEST_PTQ[setting]
     assert sample.BEST_METHOD[setting] == "hqdm"

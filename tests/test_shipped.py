@@ -13,7 +13,7 @@ from conftest import ROOT
 
 # PSNR (dB) against the FP model, 10 images (one per class), DDIM 10 steps, seed 0, CFG 4.0 and 1.5.
 # Measured on an AVX2 machine: 24.9 / 28.7 (QAT W4A4, the --w4a4 default), 19.6 / 26.5 (QAT W4A3,
-# the --w4a3 default), 25.2 / 29.3 (SVDQuant on HadaNorm W4A4) and 19.1 / 25.4 (the same at W4A3);
+# --w4a3 --method hqdm), 25.2 / 29.3 (SVDQuant on HadaNorm W4A4) and 19.1 / 25.4 (the same at W4A3);
 # on an AVX-512 one: 19.4 / 23.2 (HadaNorm W4A4), 25.6 / 28.8 and 19.2 / 25.6 (the SVDQuant rows).
 # The floors sit 5 dB
 # lower: W4A4 sampling is chaotic, and another CPU's float kernels (AMX, other thread counts) can
