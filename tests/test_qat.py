@@ -307,9 +307,9 @@ def silhouettes(tmp_path):
 def test_lesson_error_goes_down(capsys, monkeypatch, silhouettes):
     from conftest import ROOT
     monkeypatch.chdir(ROOT)  # the lesson reads the shipped checkpoint
-    qat.lesson(steps=10, n=4, data_dir=silhouettes)
+    qat.lesson(steps=20, n=8, data_dir=silhouettes)
     rel = [float(l.split()[-1]) for l in capsys.readouterr().out.splitlines() if l.strip().startswith("step")]
-    assert rel[0] == 1.0 and len(rel) == 2 and rel[-1] < 0.995  # steps that do not learn: 1.000
+    assert rel[0] == 1.0 and len(rel) == 3 and rel[-1] < 0.99  # steps that do not learn: 1.000
 
 
 def test_evaluate_table_and_qat_score_read_a_qat_checkpoint(tmp_path, teacher, fake_fmnist, capsys):
