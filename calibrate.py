@@ -177,20 +177,59 @@ def fold_ditas(model, scales):
         blk.attn.qkv.bias.data[2 * D:] /= s
 
 
-def lowrank_branch(q, rank):
+def lowrank_branch(q, rank, W=None, target=None):
     """SVDQuant: the best rank-r part L = U S Vᵀ of the (smoothed, transformed) weight W̃ runs in
     float as the low-rank branch, and only the residual W̃ − L is quantized, with its own, narrower
-    scales. Returns (share of W̃'s energy ‖L‖² / ‖W̃‖², max|W̃ − L| / max|W̃|): how much of the
-    weight, and of its outliers, the branch takes."""
-    W = q.weight.detach().clone()
-    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    scales. `target` (default W̃) is what L fits: W̃ − Q when `refine_branch` iterates. Returns
+    (share of W̃'s energy ‖L‖² / ‖W̃‖², max|W̃ − L| / max|W̃|): how much of the weight, and of
+    its outliers, the branch takes."""
+    W = q.weight.detach().clone() if W is None else W
+    U, S, Vh = torch.linalg.svd(W if target is None else target, full_matrices=False)
     # exercise lowrank: SVDQuant: W̃'s best rank-r part L runs in float, only the residual W̃ − L is quantized
     L = (U[:, :rank] * S[:rank]) @ Vh[:rank]
     q.weight.data = W - L
     q.refresh_weight_quant()  # the residual's own per-channel scales
     q.set_lora(U[:, :rank] * S[:rank], Vh[:rank])
     # end exercise lowrank
-    return (S[:rank].pow(2).sum() / S.pow(2).sum()).item(), ((W - L).abs().max() / W.abs().max()).item()
+    return (L.pow(2).sum() / W.pow(2).sum()).item(), ((W - L).abs().max() / W.abs().max()).item()
+
+
+@torch.no_grad()
+def refine_branch(q, rank, iters, x):
+    """SVDQuant's code refines the branch: L = best rank-r part of W̃ − Q, Q = quant(W̃ − L) with
+    the residual's own scales, repeated; the round whose layer output on calibration inputs x
+    (activations quantized) is closest to the float layer's is kept (round 1: `lowrank_branch`).
+    -> (the kept round's `lowrank_branch` trace, the output MSE of every round)."""
+    W = q.weight.detach().clone()
+    q.quantize_enabled = False
+    ref = q(x)  # the float layer: every transform is exact
+    q.quantize_enabled = True
+    target, errs, best = W, [], None
+    for _ in range(iters):
+        trace = lowrank_branch(q, rank, W, target)
+        errs.append((q(x) - ref).pow(2).mean().item())
+        if best is None or errs[-1] < best[0]:
+            best = (errs[-1], trace, {k: v.clone() for k, v in q.state_dict().items()})
+        target = W - q.qweight()  # what the 4-bit residual missed, for the next branch to take
+    q.load_state_dict(best[2])
+    return best[1], errs
+
+
+@torch.no_grad()
+def search_branch_alpha(lin, spec, act_max, x, wq, aq, rank, block=None):
+    """SVDQuant's per-layer smoothing exponent: α on an 11-point grid in [0, 1], each scored by
+    the layer's output MSE on calibration inputs x with its transform, branch and quantizers in
+    place. -> (MSE, α, s)."""
+    ref, best = lin(x), None
+    for a in torch.linspace(0, 1, 11).tolist():
+        s = smooth_scale(act_max, lin.weight, a)
+        q = QuantLinear(lin, wq, aq, spec["center"], s, spec["hadamard"], block)
+        if rank:
+            lowrank_branch(q, rank)
+        err = (q(x) - ref).pow(2).mean().item()
+        if best is None or err < best[0]:
+            best = (err, a, s)
+    return best
 
 
 @torch.no_grad()
@@ -266,9 +305,12 @@ def parse_method(name):
 
 @torch.no_grad()
 def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10, lowrank=32,
-                 block=None, static_buckets=0):
+                 block=None, static_buckets=0, lowrank_iters=1):
     """-> the `quant.Recipe` of `method` for `model`, from its calibration statistics (the model
-    is left as it is: `apply_recipe` changes it)."""
+    is left as it is: `apply_recipe` changes it). alpha="search": each layer's own smoothing
+    exponent (`search_branch_alpha`) for the SmoothQuant-scaled recipes."""
+    if alpha == "search" and METHOD_TABLE[parse_method(method)[0]]["scale"] not in ("absmax", "cabsmax"):
+        raise ValueError(f"alpha='search' needs a recipe with SmoothQuant scales, not {method!r} (DiTAS searches its own)")
     base, a8_budget = parse_method(method)
     wq = QConfig(wbits, range="mse") if wbits < 16 else None
     if abits >= 16:
@@ -282,12 +324,18 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
     spec = METHOD_TABLE[base]
     r = dict(method=method, wq=wq, aq=aq, block=block, alpha=alpha, hadamard=spec["hadamard"],
              center=spec["center"])
-    if spec["scale"] in ("absmax", "cabsmax"):  # cabsmax: of the centred input
+    if alpha == "search":  # cabsmax: of the centred input
+        r.update(scales={}, alphas={})
+        for n, lin in tqdm(lins.items(), desc="α search", leave=False, disable=None):
+            best = search_branch_alpha(lin, spec, stats[n][spec["scale"]], stats[n]["samples"].to(
+                lin.weight.device), wq, aq, lowrank if spec["lowrank"] else 0, block)
+            r["alphas"][n], r["scales"][n] = best[1], best[2]
+    elif spec["scale"] in ("absmax", "cabsmax"):
         r["scales"] = scales(spec["scale"])
     if spec["center"] == "static":
         r["means"] = {n: stats[n]["mean"] for n in lins}
     if spec["lowrank"]:
-        r["lowrank"] = lowrank
+        r.update(lowrank=lowrank, lowrank_iters=lowrank_iters)
     if spec["scale"] == "search":  # DiTAS
         r.update(scales={}, alphas={}, prescaled=[n for n in lins if not n.endswith("fc2")],
                  lora_rank=lora_rank, lora_iters=lora_iters)
@@ -304,10 +352,13 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
 
 
 @torch.no_grad()
-def apply_recipe(model, recipe):
+def apply_recipe(model, recipe, stats=None):
     """Quantizes `model` in place by `recipe`: DiTAS's fold of x / s into the producing layers,
-    `quant.quantize_model`, then the low-rank parts (DiTAS's LoRA, SVDQuant's branch). Returns
-    their traces per layer (LoRA: error per alternation; SVDQuant: energy share and peak)."""
+    `quant.quantize_model`, then the low-rank parts (DiTAS's LoRA, SVDQuant's branch, refined on
+    the calibration inputs in `stats` when recipe.lowrank_iters > 1). Returns their traces per
+    layer (LoRA: error per alternation; SVDQuant: energy share and peak)."""
+    if recipe.lowrank and recipe.lowrank_iters > 1 and stats is None:
+        raise ValueError("refining the SVDQuant branch (lowrank_iters > 1) needs the calibration statistics")
     if recipe.prescaled:
         fold_ditas(model, recipe.scales)
     quant.quantize_model(model, recipe)
@@ -315,7 +366,10 @@ def apply_recipe(model, recipe):
     for name, _, _, q in quant.quant_layers(model):
         if recipe.lora_rank and q.wq is not None:
             traces[name] = lora_correct(q, recipe.lora_rank, recipe.lora_iters)
-        if recipe.lowrank and q.wq is not None:
+        if recipe.lowrank and q.wq is not None and recipe.lowrank_iters > 1:
+            x = stats[name]["samples"].to(q.weight.device)
+            traces[name] = refine_branch(q, recipe.lowrank, recipe.lowrank_iters, x)[0]
+        elif recipe.lowrank and q.wq is not None:
             traces[name] = lowrank_branch(q, recipe.lowrank)
     return traces
 
@@ -390,10 +444,15 @@ def quantize_fp(model, method, wbits, abits, calib_n=16, calib_steps=25, seed=12
     given), recipe, quantization, static scales if the recipe has them. -> (recipe, traces)."""
     stats = collect_stats(model, calib_n, calib_steps, seed=seed) if stats is None else stats
     recipe = build_recipe(model, stats, method, wbits, abits, **kw)
-    traces = apply_recipe(model, recipe)
+    traces = apply_recipe(model, recipe, stats)
     if recipe.aq is not None and not recipe.aq.dynamic:
         calibrate_static(model, calib_n, calib_steps, seed=seed)
     return recipe, traces
+
+
+def alpha_arg(text):
+    """--alpha: a number in [0, 1] or 'search'."""
+    return text if text == "search" else common.number(float, 0, 1)(text)
 
 
 def main(argv=None):
@@ -402,14 +461,16 @@ def main(argv=None):
     ap.add_argument("--method", default="hadanorm", help=f"one of {', '.join(METHODS)}")
     ap.add_argument("--wbits", type=int, default=4)  # 2..8, or 16 = float
     ap.add_argument("--abits", type=int, default=4)
-    ap.add_argument("--alpha", type=common.number(float, 0, 1), default=0.5,
-                    help="smoothing exponent (smoothquant, hadanorm)")
+    ap.add_argument("--alpha", type=alpha_arg, default=0.5,
+                    help="smoothing exponent in [0, 1] (smoothquant, hadanorm, svdquant*), or 'search': each layer's own by its output error")
     ap.add_argument("--lora-rank", type=common.number(int, 0), default=32,
                     help="rank of DiTAS's weight LoRA (0 = off)")
     ap.add_argument("--lora-iters", type=common.POSITIVE, default=10,
                     help="DiTAS's alternations of quantize / refit the LoRA")
     ap.add_argument("--lowrank", type=common.number(int, 0), default=32,
                     help="rank of SVDQuant's float branch (svdquant, svdquant-hadanorm; 0 = off)")
+    ap.add_argument("--lowrank-iters", type=common.POSITIVE, default=1,
+                    help="SVDQuant: rounds of branch refinement, the best by layer output error kept (1 = plain SVD)")
     ap.add_argument("--static-act", type=common.number(int, 0), default=0, metavar="BUCKETS",
                     help="static activation scales per timestep bucket (0: dynamic per token)")
     ap.add_argument("--calib-n", type=common.POSITIVE, default=16, help="images for calibration")
@@ -431,12 +492,13 @@ def main(argv=None):
     model, fp = model.to(device), dit.load_checkpoint(args.ckpt)[0].to(device)
     stats = collect_stats(model, args.calib_n, args.calib_steps, seed=args.seed)
     if args.plot:
-        plot_ranges(model, stats, args.plot, alpha=args.alpha)
+        plot_ranges(model, stats, args.plot, alpha=0.5 if args.alpha == "search" else args.alpha)
         return print(f"wrote {args.plot}")
     recipe, traces = quantize_fp(model, args.method, args.wbits, args.abits, args.calib_n,
                                  args.calib_steps, args.seed, stats, alpha=args.alpha,
                                  lora_rank=args.lora_rank, lora_iters=args.lora_iters,
-                                 lowrank=args.lowrank, static_buckets=args.static_act)
+                                 lowrank=args.lowrank, static_buckets=args.static_act,
+                                 lowrank_iters=args.lowrank_iters)
     dt = time.time() - t0
     print(f"{'layer':22s} {'act SQNR raw':>12s} {'act SQNR transf.':>16s} {'out SQNR':>9s}  (dB)")
     for name, a, b, o in layer_report(fp, model, stats):

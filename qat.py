@@ -52,7 +52,7 @@ ACTS = ("token", "static")
 #################################################################################
 
 def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=16, calib_steps=25,
-            seed=1234, init="hadanorm", act="token"):
+            seed=1234, init="hadanorm", act="token", init_alpha=0.5, init_lowrank_iters=1):
     """FP model -> QAT model (a copy): QuantLinears with learnable steps, initialised by
     calibration.
 
@@ -62,7 +62,9 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=16,
     8-bit activations); or "plain": no centering or scale. act "token" is per-token dynamic with a
     learned clipping ratio per timestep bucket (step 0 = the PTQ recipe's min-max); "static" is one
     learned step per timestep
-    bucket and tensor, calibrated from max|x̃|. The calibration defaults are calibrate.py's, so in
+    bucket and tensor, calibrated from max|x̃|. init_alpha and init_lowrank_iters are the PTQ
+    recipe's smoothing exponent ("search": per layer) and branch refinement rounds (`calibrate.py
+    --alpha`, `--lowrank-iters`). The calibration defaults are calibrate.py's, so in
     the double form step 0 is the PTQ model calibrate.py ships."""
     if mode not in MODES:
         raise ValueError(f"unknown --hadamard {mode!r}; choose one of {', '.join(MODES)}")
@@ -79,11 +81,14 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=16,
     # important! W4A4 loss over the first 50 steps 1.26e-2 from HadaNorm, vs 3.43e-2 plain/static
     if init != "plain":
         stats = calibrate.collect_stats(fp, calib_n, calib_steps, seed=seed)
-        ptq = calibrate.build_recipe(fp, stats, init, wbits, abits, block=block)
-        recipe = dataclasses.replace(recipe, center=ptq.center, scales=ptq.scales,
-                                     lowrank=ptq.lowrank, layer_abits=ptq.layer_abits)
-    # quantize_model, and the low-rank branch if the recipe has one
-    calibrate.apply_recipe(model, recipe)
+        ptq = calibrate.build_recipe(fp, stats, init, wbits, abits, block=block, alpha=init_alpha,
+                                     lowrank_iters=init_lowrank_iters)
+        recipe = dataclasses.replace(recipe, center=ptq.center, scales=ptq.scales, alpha=ptq.alpha,
+                                     alphas=ptq.alphas, lowrank=ptq.lowrank,
+                                     lowrank_iters=ptq.lowrank_iters, layer_abits=ptq.layer_abits)
+    # quantize_model, and the low-rank branch if the recipe has one (refined on the calibration
+    # inputs, with every clip ratio still 1: per-token min-max, as in calibrate.py)
+    calibrate.apply_recipe(model, recipe, stats if init != "plain" else None)
     if act == "static":
         # activation steps from max|x̃|
         calibrate.calibrate_static(model, calib_n, calib_steps, seed=seed)
@@ -231,6 +236,8 @@ def get_args(argv=None):
     t.add_argument("--hadamard", default="single", choices=MODES, help="single: HQ-DM (weights unrotated); double: QuaRot-style (W rotated; as fast as HadaNorm); none")
     t.add_argument("--block", type=int, default=None, help="Hadamard block size (default: full width)")
     t.add_argument("--init", default="svdquant-hadanorm", help=f"the PTQ recipe to start from: plain or one of {', '.join(INITS)}, optionally +a8")
+    t.add_argument("--init-alpha", type=calibrate.alpha_arg, default=0.5, help="the PTQ start's smoothing exponent, or 'search' (calibrate.py --alpha)")
+    t.add_argument("--init-lowrank-iters", type=common.POSITIVE, default=1, help="the PTQ start's branch refinement rounds (calibrate.py --lowrank-iters)")
     t.add_argument("--act", default="token", choices=ACTS, help="activations: per token with a learned clip ratio per bucket, or one learned static step per bucket")
     t.add_argument("--buckets", type=common.POSITIVE, default=10, help="timestep buckets of activation steps / clip ratios")
     t.add_argument("--iters", type=common.POSITIVE, default=1200, help="optimizer steps of the whole run (the rates' cosine spans them)")
@@ -269,7 +276,8 @@ def get_args(argv=None):
 
 IDENTITY = ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "init", "act", "iters",
             "weights_from", "batch_size", "lr", "lr_scale", "lr_wstep", "grad_clip", "ema", "null_p",
-            "diff_weight", "cfg", "eval_n", "eval_seed", "seed", "states", "pool")
+            "diff_weight", "cfg", "eval_n", "eval_seed", "seed", "states", "pool", "init_alpha",
+            "init_lowrank_iters")
 
 
 def rates(step, args):
@@ -326,7 +334,8 @@ def train(args):
     os.makedirs(args.state_dir, exist_ok=True)
     state_path = os.path.join(args.state_dir, "state.pt")
     model, recipe = prepare(fp, args.wbits, args.abits, args.hadamard, args.block, args.buckets,
-                            init=args.init, act=args.act)
+                            init=args.init, act=args.act, init_alpha=args.init_alpha,
+                            init_lowrank_iters=args.init_lowrank_iters)
     model.eval()  # important! train() would switch on the label embedder's own class dropout
     ho = [v.to(device) for v in held_out(fp, args.eval_n, args.eval_seed, args.data_dir)]
     start, obj = band_errors(model, ho, args.cfg)  # the PTQ start (deterministic: rebuilt on resume)

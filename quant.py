@@ -359,8 +359,9 @@ class Recipe:
     lora_rank: int = 0  # DiTAS: rank of the LoRA fitted to the weight's quantization error
     lora_iters: int = 10  # ... and its alternations
     lowrank: int = 0  # SVDQuant: rank of the float branch taken out of W before quantizing
-    alpha: float = 0.5  # the smoothing exponent the scales were made with (a record)
-    alphas: dict = field(default_factory=dict)  # DiTAS: each layer's searched α (a record)
+    lowrank_iters: int = 1  # ... and its rounds of refinement (SVDQuant's code; 1: plain SVD)
+    alpha: float = 0.5  # the smoothing exponent the scales were made with, or "search" (a record)
+    alphas: dict = field(default_factory=dict)  # each layer's searched α (a record)
     init: str = None  # QAT: the PTQ recipe it started from (a record)
     integer: bool = False  # saved in the integer form (set by save_quantized)
 

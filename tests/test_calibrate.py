@@ -105,8 +105,30 @@ def test_quantized_checkpoint_round_trip(tmp_path, tiny_ckpt):
         calibrate.main(["--ckpt", path])
 
 
+def test_svdquant_alpha_search_and_refined_branch_cli(tmp_path, tiny_ckpt):
+    path = str(tmp_path / "q.pt")
+    calibrate.main(["--ckpt", tiny_ckpt, "--method", "svdquant-hadanorm", "--alpha", "search",
+                    "--lowrank", "4", "--lowrank-iters", "3", "--calib-n", "2", "--calib-steps", "2",
+                    "--out", path])
+    m, cfg, recipe = integer.load_quantized(path)
+    lins = [n for n, *_ in quant.quant_layers(m)]
+    assert recipe.alpha == "search" and recipe.lowrank_iters == 3 and sorted(recipe.alphas) == sorted(lins)
+    assert all(0 <= a <= 1 for a in recipe.alphas.values())
+    # a layer's scales are those of its own α
+    fp = dit.load_checkpoint(tiny_ckpt)[0]
+    stats = calibrate.collect_stats(fp, 2, 2)
+    n = lins[0]
+    lin = dict((k, v) for k, _, _, v in quant.quant_layers(fp))[n]
+    torch.testing.assert_close(recipe.scales[n], calibrate.smooth_scale(stats[n]["cabsmax"], lin.weight, recipe.alphas[n]))
+    # refining needs the calibration inputs
+    with pytest.raises(ValueError, match="calibration statistics"):
+        calibrate.apply_recipe(fp, recipe)
+
+
 @pytest.mark.parametrize("args,msg",
                          [(["--method", "gptq"], "unknown method"),
+                          (["--alpha", "best"], "is not a number"),
+                          (["--method", "hadamard", "--alpha", "search"], "needs a recipe with SmoothQuant scales"),
                           (["--abits", "1"], "unsupported bit width")])
 def test_bad_input_exits_2(tiny_ckpt, args, msg):
     r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", tiny_ckpt, "--calib-n", "2", "--calib-steps", "2", *args],

@@ -90,6 +90,49 @@ def test_lowrank_svdquant_branch_takes_the_top_singular_part_out_of_the_quantize
     assert (W - q.qweight() - L).norm().item() < 0.5 * rtn and peak < 0.8
 
 
+def branch_layer(seed):
+    """96 -> 64: a strong rank-2 part plus noise, and its inputs."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(96, 64)
+    lin.weight.data = torch.randn(64, 96, generator=g) * 0.1 + \
+        0.3 * torch.randn(64, 2, generator=g) @ torch.randn(2, 96, generator=g)
+    return lin, torch.randn(128, 96, generator=g)
+
+
+def test_refined_svdquant_branch_fits_what_the_4bit_residual_missed():
+    lin, x = branch_layer(0)
+    q = QuantLinear(lin, QConfig(4), QConfig(4), "dynamic", None, "double")
+    W = q.weight.detach().clone()
+    (share, peak), errs = calibrate.refine_branch(q, 4, 6, x)
+    # round 1 is the plain branch; later rounds fit W̃ − Q and lower the layer's output error
+    plain = QuantLinear(lin, QConfig(4), QConfig(4), "dynamic", None, "double")
+    calibrate.lowrank_branch(plain, 4)
+    with torch.no_grad():
+        assert abs(errs[0] - (plain(x) - lin(x)).pow(2).mean().item()) < 1e-5 * errs[0]
+        kept = (q(x) - lin(x)).pow(2).mean().item()
+    assert len(errs) == 6 and min(errs) < 0.95 * errs[0], errs  # measured: 0.86x
+    assert abs(kept - min(errs)) < 1e-5 * kept  # the best round is the one kept
+    # still an exact split of W̃ into residual + rank-4 branch
+    torch.testing.assert_close(q.weight + q.lora_u @ q.lora_v, W, atol=1e-5, rtol=1e-5)
+    assert torch.linalg.matrix_rank(q.lora_u @ q.lora_v).item() == 4 and 0 < share < 1
+
+
+def test_svdquant_alpha_search_scores_each_alpha_with_its_branch_and_quantizers():
+    lin, x = outlier_layer()
+    spec = dict(center="none", hadamard="none")
+    err, a, s = calibrate.search_branch_alpha(lin, spec, x.abs().amax(0), x, QConfig(4), QConfig(4), 2)
+
+    def err_at(alpha):  # the layer as apply_recipe builds it at this α
+        q = QuantLinear(lin, QConfig(4), QConfig(4), channel_scale=calibrate.smooth_scale(
+            x.abs().amax(0), lin.weight, alpha))
+        calibrate.lowrank_branch(q, 2)
+        with torch.no_grad():
+            return (q(x) - lin(x)).pow(2).mean().item()
+    assert abs(err - err_at(a)) < 1e-9  # the score is that of the layer that will run
+    assert err <= min(err_at(b / 10) for b in range(11)) + 1e-9
+    assert a != 0.5 and err < 0.95 * err_at(0.5), (a, err, err_at(0.5))  # measured: 0.7, 0.93x
+
+
 def test_int4_pack_bytes_hold_even_k_in_the_low_nibble():
     q = torch.tensor([[1, -2, 7, -8]], dtype=torch.int8)
     # -2 = 0xE high, 1 low; -8 = 0x8 high, 7 low
