@@ -512,6 +512,7 @@ def main(argv=None):
         first = first_model = None
         for path in args.qckpt:
             model = integer.load_quantized(path)[0]
+            integer.to_integer(model)  # a file calibrate.py wrote holds the simulated form
             g = band_errors(model, ho, args.cfg)[0]
             first = g if first is None else first
             line = f"{path}: {band_report(g, first)}"

@@ -343,6 +343,20 @@ def test_evaluate_table_and_qat_score_read_a_qat_checkpoint(tmp_path, teacher, f
         evaluate.main(["table", "--ckpt", teacher, "--qckpt", str(tmp_path / "none.pt")])
 
 
+def test_qat_score_runs_a_calibrate_file_on_the_integer_path(tmp_path, teacher, fake_fmnist, capsys):
+    sim, ipath = str(tmp_path / "sim.pt"), str(tmp_path / "int.pt")
+    calibrate.main(["--ckpt", teacher, "--method", "hadanorm", "--calib-n", "2", "--calib-steps", "2",
+                    "--out", sim])  # the simulated form
+    m, cfg, recipe = integer.load_quantized(sim)
+    integer.to_integer(m)
+    integer.save_quantized(ipath, m, cfg, recipe, {})
+    capsys.readouterr()
+    qat.main(["score", ipath, sim, "--ckpt", teacher, "--data-dir", fake_fmnist, "--eval-n", "3"])
+    last = capsys.readouterr().out.splitlines()[-1]
+    # the same codes, steps and error: both files score as the integer model
+    assert last.endswith("relative to start 1.000; int4 codes changed 0.0%, weight steps 1.00-1.00x"), last
+
+
 def test_screen_ranks_the_model_closer_to_fp_first(tmp_path, teacher, capsys):
     """W8A8 samples stay near FP's from the same noise, W4A3's do not: the screen must say so, on
     its own seed."""
