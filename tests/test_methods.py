@@ -99,7 +99,7 @@ def branch_layer(seed):
     return lin, torch.randn(128, 96, generator=g)
 
 
-def test_refined_svdquant_branch_fits_what_the_4bit_residual_missed():
+def test_lowrank_refined_svdquant_branch_fits_what_the_4bit_residual_missed():
     lin, x = branch_layer(0)
     q = QuantLinear(lin, QConfig(4), QConfig(4), "dynamic", None, "double")
     W = q.weight.detach().clone()
