@@ -303,14 +303,22 @@ def parse_method(name):
     return base, share
 
 
+def check_options(method, alpha, lowrank_iters=1, static_buckets=0):
+    """Refuses what `build_recipe` cannot do, before any calibration runs."""
+    parse_method(method)  # an unknown recipe
+    if alpha == "search" and METHOD_TABLE[parse_method(method)[0]]["scale"] not in ("absmax", "cabsmax"):
+        raise ValueError(f"alpha='search' needs a recipe with SmoothQuant scales, not {method!r} (DiTAS searches its own)")
+    if (alpha == "search" or lowrank_iters > 1) and static_buckets:
+        raise ValueError("the α search and the branch refinement score layers with dynamic activations: not with static activation scales")
+
+
 @torch.no_grad()
 def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lora_iters=10, lowrank=32,
                  block=None, static_buckets=0, lowrank_iters=1):
     """-> the `quant.Recipe` of `method` for `model`, from its calibration statistics (the model
     is left as it is: `apply_recipe` changes it). alpha="search": each layer's own smoothing
     exponent (`search_branch_alpha`) for the SmoothQuant-scaled recipes."""
-    if alpha == "search" and METHOD_TABLE[parse_method(method)[0]]["scale"] not in ("absmax", "cabsmax"):
-        raise ValueError(f"alpha='search' needs a recipe with SmoothQuant scales, not {method!r} (DiTAS searches its own)")
+    check_options(method, alpha, lowrank_iters, static_buckets)
     base, a8_budget = parse_method(method)
     wq = QConfig(wbits, range="mse") if wbits < 16 else None
     if abits >= 16:
@@ -324,13 +332,13 @@ def build_recipe(model, stats, method, wbits, abits, alpha=0.5, lora_rank=32, lo
     spec = METHOD_TABLE[base]
     r = dict(method=method, wq=wq, aq=aq, block=block, alpha=alpha, hadamard=spec["hadamard"],
              center=spec["center"])
-    if alpha == "search":  # cabsmax: of the centred input
+    if alpha == "search":
         r.update(scales={}, alphas={})
         for n, lin in tqdm(lins.items(), desc="α search", leave=False, disable=None):
             best = search_branch_alpha(lin, spec, stats[n][spec["scale"]], stats[n]["samples"].to(
                 lin.weight.device), wq, aq, lowrank if spec["lowrank"] else 0, block)
             r["alphas"][n], r["scales"][n] = best[1], best[2]
-    elif spec["scale"] in ("absmax", "cabsmax"):
+    elif spec["scale"] in ("absmax", "cabsmax"):  # cabsmax: of the centred input
         r["scales"] = scales(spec["scale"])
     if spec["center"] == "static":
         r["means"] = {n: stats[n]["mean"] for n in lins}
@@ -483,7 +491,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if bad := sorted({args.wbits, args.abits} - {2, 3, 4, 5, 6, 7, 8, 16}):
         raise ValueError(f"unsupported bit width {bad[0]}: choose 2..8 (or 16 = float)")
-    parse_method(args.method)  # an unknown recipe fails now, not after calibrating
+    check_options(args.method, args.alpha, args.lowrank_iters, args.static_act)  # now, not after calibrating
     common.check_output(args.out, (args.ckpt,), "--out", args.force)
     common.check_output(args.plot, (args.ckpt,), "--plot", args.force)
     t0 = time.time()

@@ -129,6 +129,7 @@ def test_svdquant_alpha_search_and_refined_branch_cli(tmp_path, tiny_ckpt):
                          [(["--method", "gptq"], "unknown method"),
                           (["--alpha", "best"], "is not a number"),
                           (["--method", "hadamard", "--alpha", "search"], "needs a recipe with SmoothQuant scales"),
+                          (["--method", "svdquant", "--lowrank-iters", "2", "--static-act", "4"], "not with static activation scales"),
                           (["--abits", "1"], "unsupported bit width")])
 def test_bad_input_exits_2(tiny_ckpt, args, msg):
     r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", tiny_ckpt, "--calib-n", "2", "--calib-steps", "2", *args],
