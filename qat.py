@@ -70,6 +70,8 @@ def prepare(fp, wbits, abits, mode="single", block=None, buckets=10, calib_n=16,
         raise ValueError(f"unknown --hadamard {mode!r}; choose one of {', '.join(MODES)}")
     if (init != "plain" and calibrate.parse_method(init)[0] not in INITS) or act not in ACTS:
         raise ValueError(f"--init is plain or one of {', '.join(INITS)} (each optionally +a8), and --act one of {', '.join(ACTS)}")
+    if act == "static" and init_lowrank_iters > 1:  # the refinement scores with dynamic activations
+        raise ValueError("--init-lowrank-iters > 1 needs --act token")
     for b in (wbits, abits):
         if not 3 <= b <= 8:
             raise ValueError(f"unsupported bit width {b} for QAT: choose 3..8")
