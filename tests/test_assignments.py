@@ -5,7 +5,7 @@ import os
 import pytest
 
 import assignments
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 
 EX = assignments.find_exercises()
 MAP = assignments.load_map()
@@ -53,7 +53,7 @@ def test_malformed_markers_are_named(tmp_path, src, msg):
 
 
 def test_list_shows_every_exercise_with_its_focused_tests_first():
-    r = run_script("assignments.py", "--list")
+    r = run_main("assignments.py", "--list")
     assert r.returncode == 0, r.stderr
     for name, tests in MAP.items():
         mine = assignments.focused(name)
@@ -77,7 +77,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, args, msg):
     if "--out" not in args and args:
         args += ["--out", str(tmp_path / "new")]
     before = sorted(os.listdir(ROOT))
-    r = run_script("assignments.py", *args)
+    r = run_main("assignments.py", *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "new").exists() and os.listdir(full) == ["keep.txt"] and sorted(os.listdir(ROOT)) == before
 

@@ -1,9 +1,6 @@
 """calibrate.py: recipes are exact transforms, DiTAS folding == online smoothing, LoRA,
 checkpoints."""
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,9 +10,6 @@ import dit
 import integer
 import quant
 from quant import QConfig, QuantLinear
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def random_tiny(depth=2, seed=0):
     torch.manual_seed(seed)
@@ -132,9 +126,8 @@ def test_svdquant_alpha_search_and_refined_branch_cli(tmp_path, tiny_ckpt):
                           (["--method", "svdquant", "--lowrank-iters", "2", "--static-act", "4"], "not with static activation scales"),
                           (["--abits", "1"], "unsupported bit width")])
 def test_bad_input_exits_2(tiny_ckpt, args, msg):
-    r = subprocess.run([sys.executable, "calibrate.py", "--ckpt", tiny_ckpt, "--calib-n", "2", "--calib-steps", "2", *args],
-                       cwd=ROOT, capture_output=True, text=True,
-                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from conftest import run_main
+    r = run_main("calibrate.py", "--ckpt", tiny_ckpt, "--calib-n", "2", "--calib-steps", "2", *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
 
 

@@ -254,12 +254,10 @@ def test_qat_checkpoint_integer_path_equals_simulation(tmp_path, teacher, fake_f
 
 
 def test_bad_input_exit_2(teacher):
-    r = subprocess.run([sys.executable, "qat.py", "train", "--ckpt", teacher, "--abits", "2", "--iters", "1"], cwd=ROOT,
-                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from conftest import run_main
+    r = run_main("qat.py", "train", "--ckpt", teacher, "--abits", "2", "--iters", "1")
     assert r.returncode == 2 and "unsupported bit width 2" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "qat.py", "train", "--ckpt", teacher, "--act", "tensor"],
-                       cwd=ROOT,
-                       capture_output=True, text=True)
+    r = run_main("qat.py", "train", "--ckpt", teacher, "--act", "tensor")
     assert r.returncode == 2 and "invalid choice: 'tensor'" in r.stderr
 
 

@@ -13,7 +13,7 @@ import torch
 import common
 import dit
 import sample
-from conftest import ROOT, run_script
+from conftest import ROOT, run_main, run_script
 
 SHIPPED = os.path.join("checkpoints", "dit_t4.pt")
 
@@ -26,16 +26,16 @@ def one_line_exit_2(r, msg):
 def test_outputs_never_replace_an_input_or_a_shipped_file(tmp_path, tiny_ckpt):
     before = {p: os.path.getmtime(os.path.join(ROOT, p)) for p in (SHIPPED, "checkpoints/fm_classifier.pt")}
     t0 = time.time()
-    one_line_exit_2(run_script("calibrate.py", "--ckpt", tiny_ckpt, "--out", tiny_ckpt),
+    one_line_exit_2(run_main("calibrate.py", "--ckpt", tiny_ckpt, "--out", tiny_ckpt),
                     "is also this run's input")
-    one_line_exit_2(run_script("calibrate.py", "--out", SHIPPED), "is also this run's input")
-    one_line_exit_2(run_script("qat.py", "train", "--ckpt", tiny_ckpt, "--out", SHIPPED),
+    one_line_exit_2(run_main("calibrate.py", "--out", SHIPPED), "is also this run's input")
+    one_line_exit_2(run_main("qat.py", "train", "--ckpt", tiny_ckpt, "--out", SHIPPED),
                     "would replace a shipped")
-    one_line_exit_2(run_script("evaluate.py", "table", "--ckpt", tiny_ckpt, "--out", SHIPPED),
+    one_line_exit_2(run_main("evaluate.py", "table", "--ckpt", tiny_ckpt, "--out", SHIPPED),
                     "would replace a shipped")
-    one_line_exit_2(run_script("evaluate.py", "train-classifier", "--out", "checkpoints/fm_classifier.pt"),
+    one_line_exit_2(run_main("evaluate.py", "train-classifier", "--out", "checkpoints/fm_classifier.pt"),
                     "would replace a shipped file")
-    one_line_exit_2(run_script("train.py", "--out", SHIPPED, "--run-dir", str(tmp_path / "r")),
+    one_line_exit_2(run_main("train.py", "--out", SHIPPED, "--run-dir", str(tmp_path / "r")),
                     "shipped file")
     assert time.time() - t0 < 60  # refused before any slow work
     assert before == {p: os.path.getmtime(os.path.join(ROOT, p)) for p in before}
@@ -55,7 +55,7 @@ def test_output_paths_are_checked_before_the_slow_part(tmp_path, tiny_ckpt):
                       "is not writable"))
     for *args, msg in cases:
         t0 = time.time()
-        one_line_exit_2(run_script(*args), msg)
+        one_line_exit_2(run_main(*args), msg)
         assert time.time() - t0 < 30, args
 
 
@@ -76,7 +76,7 @@ def test_output_paths_are_checked_before_the_slow_part(tmp_path, tiny_ckpt):
     (("sample.py", "--seed", "-1"), "argument --seed"),
 ])
 def test_numbers_are_validated_at_parse_time(args, msg):
-    one_line_exit_2(run_script(*args), msg)
+    one_line_exit_2(run_main(*args), msg)
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, monkeypatch):
@@ -112,7 +112,7 @@ def test_nothing_non_finite_is_written_or_loaded(tmp_path, tiny_ckpt):
     with pytest.raises(ValueError, match=name.replace(".", r"\.")):
         dit.load_checkpoint(str(tmp_path / "inf.pt"))
     out = tmp_path / "nan.png"
-    one_line_exit_2(run_script("sample.py", "--ckpt", str(tmp_path / "inf.pt"), "--n", "2",
+    one_line_exit_2(run_main("sample.py", "--ckpt", str(tmp_path / "inf.pt"), "--n", "2",
                                "--steps", "2",
                                "--out", str(out)), "NaN or Inf")
     assert not out.exists()
@@ -126,7 +126,7 @@ def test_sampling_that_goes_non_finite_writes_nothing(tmp_path, tiny_ckpt):
     bad = str(tmp_path / "big.pt")
     torch.save(ck, bad)
     out = tmp_path / "s.png"
-    r = run_script("sample.py", "--ckpt", bad, "--n", "2", "--steps", "4", "--cfg-scale", "90",
+    r = run_main("sample.py", "--ckpt", bad, "--n", "2", "--steps", "4", "--cfg-scale", "90",
                    "--out", str(out))
     if r.returncode == 0:  # this CPU kept it finite: then the grid must be a real one
         assert out.exists()
@@ -138,22 +138,22 @@ def test_sampling_that_goes_non_finite_writes_nothing(tmp_path, tiny_ckpt):
 def test_corrupt_files_are_one_line_errors_naming_the_file(tmp_path, fake_fmnist, tiny_ckpt):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00not a torch file")
-    one_line_exit_2(run_script("sample.py", "--ckpt", str(bad), "--n", "2"), str(bad))
+    one_line_exit_2(run_main("sample.py", "--ckpt", str(bad), "--n", "2"), str(bad))
     trunc = tmp_path / "trunc.pt"
     trunc.write_bytes(open(tiny_ckpt, "rb").read()[:1000])
-    one_line_exit_2(run_script("sample.py", "--qckpt", str(trunc), "--n", "2"), str(trunc))
+    one_line_exit_2(run_main("sample.py", "--qckpt", str(trunc), "--n", "2"), str(trunc))
     os.makedirs(tmp_path / "run")
     (tmp_path / "run" / "state.pt").write_bytes(b"garbage")
-    one_line_exit_2(run_script("train.py", "--run-dir", str(tmp_path / "run"), "--resume",
+    one_line_exit_2(run_main("train.py", "--run-dir", str(tmp_path / "run"), "--resume",
                                "--data-dir", fake_fmnist,
                                "--iters", "2"), "state.pt")
     gz = os.path.join(fake_fmnist, "train-images-idx3-ubyte.gz")
     open(gz, "wb").write(os.urandom(200))
-    one_line_exit_2(run_script("data.py", "--data-dir", fake_fmnist), "train-images-idx3-ubyte.gz")
+    one_line_exit_2(run_main("data.py", "--data-dir", fake_fmnist), "train-images-idx3-ubyte.gz")
     np.savez(str(tmp_path / "e.npz"))
-    one_line_exit_2(run_script("evaluate.py", "npz", str(tmp_path / "e.npz")), "e.npz")
+    one_line_exit_2(run_main("evaluate.py", "npz", str(tmp_path / "e.npz")), "e.npz")
     np.savez(str(tmp_path / "w.npz"), arr_0=np.zeros((5, 8), np.float32), labels=np.zeros(5))
-    one_line_exit_2(run_script("evaluate.py", "npz", str(tmp_path / "w.npz")), "w.npz")
+    one_line_exit_2(run_main("evaluate.py", "npz", str(tmp_path / "w.npz")), "w.npz")
 
 
 def test_a_corrupt_calibration_cache_is_rebuilt_with_a_warning(tmp_path, tiny_ckpt, capsys):
