@@ -201,23 +201,28 @@ def tiny_models(device, quick, qckpts=()):
         return [("fp32 eager (random weights)", dit.build(dit.TINY).to(device).eval())]
     fp = lambda: dit.load_checkpoint(dit.DEFAULT_CKPT)[0].to(device)
     out = [("fp32 eager", fp())]
-    if qckpts:  # these quantized checkpoints, on the integer path
-        load = lambda p: integer.to_integer(integer.load_quantized(p)[0]).to(device)
-        return out + [(f"{os.path.basename(p)} (integer)", load(p)) for p in qckpts]
+    def load(p, delta=True):  # a quantized checkpoint on the integer path
+        m = integer.to_integer(integer.load_quantized(p)[0]).to(device)
+        quant.set_cfg_delta(m, delta)
+        return m
+    own = ", each CFG half coded on its own (--cfg-delta off)"
+    if qckpts:
+        return out + [(f"{os.path.basename(p)} (integer{how})", load(p, not how))
+                      for p in qckpts for how in ("", own)]
     if quick:
         m = fp()
         calibrate.quantize_fp(m, "hadanorm", 4, 4, calib_n=2, calib_steps=3)
         return out + [("W4A4 HadaNorm (integer)", integer.to_integer(m).to(device))]
     out += [("fp32 compiled", fp()), ("bf16 compiled (sample.py --bf16 --compile on)", fp())]
     for name, path in (("W4A4 HadaNorm (sample.py --w4a4 --method hadanorm)", "checkpoints/dit_t4_w4a4_hadanorm.pt"),
-                       ("W4A4 HQ-DM QAT (--method hqdm)", "checkpoints/dit_t4_w4a4_hqdm.pt"),
-                       ("W4A4 SVDQuant-HadaNorm (sample.py --w4a4)",
-                        "checkpoints/dit_t4_w4a4_svdquant-hadanorm.pt")):
+                       ("W4A4 SVDQuant-HadaNorm (--method svdquant-hadanorm)",
+                        "checkpoints/dit_t4_w4a4_svdquant-hadanorm.pt"),
+                       ("W4A4 QAT (sample.py --w4a4)", "checkpoints/dit_t4_w4a4_hqdm.pt")):
         if os.path.exists(path):
-            out.append((f"{name} (integer)", integer.load_quantized(path)[0].to(device)))
-            if "SVDQuant" in name:
-                out.append((f"{name} (integer), bf16 float parts",
-                            integer.load_quantized(path)[0].to(device)))
+            out.append((f"{name} (integer)", load(path)))
+            if "QAT" in name:
+                out += [(f"{name} (integer{own})", load(path, False)),
+                        (f"{name} (integer), bf16 float parts", load(path))]
     return out
 
 

@@ -7,6 +7,7 @@ load with strict=True), same init, same pos-embed layout, same adaLN-Zero blocks
     python dit.py            # parameter count of every config + the tiny model's summary
 """
 import argparse
+import contextlib
 import math
 import os
 
@@ -236,13 +237,29 @@ class DiT(nn.Module):
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        out = self.forward(combined, t, y)
+        with cfg_pairs(self):
+            out = self.forward(combined, t, y)
         n_eps = self.in_channels if guide_channels is None else guide_channels
         eps, rest = out[:, :n_eps], out[:, n_eps:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+@contextlib.contextmanager
+def cfg_pairs(model):
+    """While open, `model`'s batches are CFG pairs [cond half; null half] of the same x_t: layers
+    with a `cfg_pair` flag (quant.py's and integer.py's) code the null half against the
+    conditional one (quant.pair_codes). The sampler's forward_with_cfg and QAT's both halves use it."""
+    layers = [m for m in model.modules() if hasattr(m, "cfg_pair")]
+    for m in layers:
+        m.cfg_pair = True
+    try:
+        yield model
+    finally:  # important! a plain forward after this codes each sample on its own again
+        for m in layers:
+            m.cfg_pair = False
 
 
 #################################################################################

@@ -59,6 +59,7 @@ class IntLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=dtype) if on else None)
         self.buckets = max(clip_buckets, static_buckets, 1)  # of the timesteps 0..999
         self.t_bucket = None  # (S,) timestep bucket of each sample, set by the model's hook
+        self.cfg_pair, self.cfg_delta = False, quant.cfg_delta_default()  # CFG: quant.pair_codes
         self.register_load_state_dict_post_hook(lambda module, _: module.prepare())
         self.prepare()
 
@@ -102,6 +103,10 @@ class IntLinear(nn.Module):
                                        self.hk is not None, self.block, f(self.signs),
                                        (f(self.hk), f(self.hm)))
         xt = xt.float()  # (S, T, K)
+        pair = quant.pair_codes(self)
+        if pair:  # CFG: [x̃_c; x̃_u − x̃_c] coded, y_u = y_c + (x̃_u − x̃_c) W̃ᵀ below
+            n = len(xt) // 2
+            xt = torch.cat([xt[:n], xt[n:] - xt[:n]])
         st = quant.act_step(xt, self.a_bits, self.a_clip, self.a_scale, self.t_bucket)  # (S, T, 1)
         q = self.codes(xt, st)  # (M, K') int8
         if self.gemm == "onednn" and q.is_cpu:  # a CPU without VNNI/AMX (gemm_for)
@@ -111,6 +116,8 @@ class IntLinear(nn.Module):
             acc = torch._int_mm(q, self.w_t)  # (M, N) int32
             # end exercise int_matmul
         y = acc.view(*x.shape[:-1], -1) * (st * self.w_step)  # (S, T, N): s_tok ⊗ s_ch
+        if pair:
+            y = torch.cat([y[:n], y[:n] + y[n:]])
         if mu is not None:  # HadaNorm: + μ̃ Q(W̃)ᵀ, against the codes (no float copy of W kept)
             y = y + (self.widen(mu.float()) @ self.w_t.float()) * self.w_step
         if self.bias is not None:
@@ -200,7 +207,7 @@ def from_quant(q):
                       q.block, 0 if q.lora_u is None else q.lora_u.shape[1], q.bias is not None,
                       scale is not None, q.signs is not None, *(len(state.get(k, ())) for k in
                                                                 ("a_clip", "a_scale")))
-    layer.t_bucket = q.t_bucket
+    layer.t_bucket, layer.cfg_delta = q.t_bucket, q.cfg_delta
     layer.load_state_dict(state)
     return layer.to(q.weight.device)
 

@@ -7,7 +7,9 @@ activations per token with one learned clipping ratio per timestep bucket.
 - states (--states): the FP model's own DDIM states at CFG 4.0 (a pool of trajectories on the
   sampler's grid), or Fashion-MNIST training images noised at a uniform t in 1..999 with fresh
   noise every step and 10% null labels (QVGen's way); t = 0 never. The FP model's ε is the target
-  of both CFG halves (conditional and null);
+  of both CFG halves (conditional and null), run as the sampler runs them: one batch, the null
+  half coded as its difference from the conditional one (dit.cfg_pairs; DIT4BIT_CFG_DELTA=off: each
+  half on its own);
 - loss: each half's error plus (s − 1)² times the error of their difference, so the guided output
   ε_u + s(ε_c − ε_u) the sampler uses is matched without losing the halves' cancellation; each
   timestep band weighted by 1 / (the start's error there), so no t dominates;
@@ -39,6 +41,7 @@ import calibrate
 import data
 import dit
 import integer
+import quant
 from diffusion import Diffusion, sample_states
 from quant import QConfig, QuantLinear, Recipe
 
@@ -145,9 +148,11 @@ def trajectory_pool(fp, n, steps=50, cfg_scale=4.0, seed=0):
 
 
 def both_halves(model, x, t, y):
-    """(ε_cond, ε_null): both CFG halves, run as one batch as the sampler runs them."""
+    """(ε_cond, ε_null): both CFG halves, run as one batch as the sampler runs them (a CFG pair:
+    quantized layers code the null half against the conditional one, dit.cfg_pairs)."""
     null = torch.full_like(y, getattr(model, "module", model).num_classes)  # DDP wraps in .module
-    return model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+    with dit.cfg_pairs(model):
+        return model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
 
 
 def per_sample_error(qc, qu, ec, eu, diff_weight):
@@ -273,13 +278,14 @@ def get_args(argv=None):
             raise ValueError(f"--state-dir {args.state_dir} is a file, not a folder")
         if args.diff_weight is None:
             args.diff_weight = (args.cfg - 1) ** 2
+        args.cfg_delta = quant.cfg_delta_default()  # how both_halves codes the CFG pair
     return args
 
 
 IDENTITY = ("ckpt", "wbits", "abits", "hadamard", "block", "buckets", "init", "act", "iters",
             "weights_from", "batch_size", "lr", "lr_scale", "lr_wstep", "grad_clip", "ema", "null_p",
             "diff_weight", "cfg", "eval_n", "eval_seed", "seed", "states", "pool", "init_alpha",
-            "init_lowrank_iters")
+            "init_lowrank_iters", "cfg_delta")
 
 
 def rates(step, args):

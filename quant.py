@@ -16,6 +16,7 @@ over clipping ratios.
     python quant.py    # SQNR of the shipped model's activations at 8/4/3 bits, per tensor/token/group
 """
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -231,6 +232,32 @@ def act_step(xt, bits, clip=None, static=None, t_bucket=None):
     return (m / qmax).clamp(min=1e-12)
 
 
+def cfg_delta_default():
+    """Whether new layers code a CFG batch's null half as a difference (`pair_codes`): on unless
+    the environment says DIT4BIT_CFG_DELTA=off (to reproduce each half coded on its own)."""
+    v = os.environ.get("DIT4BIT_CFG_DELTA", "on")
+    if v not in ("on", "off"):
+        raise ValueError(f"DIT4BIT_CFG_DELTA={v!r}: choose on or off")
+    return v == "on"
+
+
+def set_cfg_delta(model, on):
+    """Turns the null half's difference codes on/off in every quantized layer (QuantLinear and
+    its integer form)."""
+    for m in model.modules():
+        if hasattr(m, "cfg_delta"):
+            m.cfg_delta = on
+
+
+def pair_codes(layer):
+    """Whether `layer` codes the null half of this CFG batch as a difference. The sampler uses
+    e_u + s (e_c − e_u): rounding errors the halves do not share are multiplied by s − 1 (3 at
+    CFG 4.0). Coding x̃_u as Q(x̃_c) + Q(x̃_u − x̃_c) makes the halves share Q(x̃_c)'s error; only
+    the rounding of their small difference is left in e_c − e_u. The same two int GEMMs. Needs
+    per-token steps (a static step fitted to x̃ does not fit the difference)."""
+    return layer.cfg_pair and layer.cfg_delta and layer.a_scale is None
+
+
 #################################################################################
 #                                 QuantLinear                                    #
 #################################################################################
@@ -275,6 +302,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("a_clip", torch.ones(aq.buckets) if clip else None)
         self.t_bucket = None  # (N,) bucket of each sample, set by the model's timestep hook
         self.buckets = aq.buckets if aq is not None else 1
+        # CFG: while dit.forward_with_cfg runs, cfg_pair is set and (cfg_delta) the null half is
+        # coded as its difference from the conditional half (`pair_codes`)
+        self.cfg_pair, self.cfg_delta = False, cfg_delta_default()
         self.refresh_weight_quant()
 
     def refresh_weight_quant(self):
@@ -309,7 +339,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x):
         xt, mu = self.transform_input(x)  # (N, T, K)
-        xq = self.act_quant(xt)
+        if pair_codes(self) and self.aq is not None and self.quantize_enabled:
+            # CFG: [Q(x̃_c); Q(x̃_c) + Q(x̃_u − x̃_c)], the halves share Q(x̃_c)'s rounding
+            n = len(xt) // 2
+            xq = self.act_quant(torch.cat([xt[:n], xt[n:] - xt[:n]]))
+            xq = torch.cat([xq[:n], xq[:n] + xq[n:]])
+        else:
+            xq = self.act_quant(xt)
         if mu is not None:
             xq = xq + mu  # μ̃ shares Q(W̃): y = (Q(x̃) + μ̃) Q(W̃)ᵀ
         if self.single:  # HQ-DM: back to W's unrotated domain, y = [Q(x Hᵀ) H] Q(W)ᵀ

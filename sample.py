@@ -37,6 +37,7 @@ import calibrate
 import data
 import dit
 import integer
+import quant
 from diffusion import Diffusion, class_labels, guided, make_noise
 
 DEFAULT_CKPT = dit.DEFAULT_CKPT
@@ -212,6 +213,8 @@ def get_args(argv=None):
     ap.add_argument("--qckpt", default=None, help="quantized checkpoint to load; default: the cached one beside --ckpt (created by calibrating on the first run)")
     ap.add_argument("--simulate", action="store_true",
                     help="fake-quant float simulation instead of the integer path")
+    ap.add_argument("--cfg-delta", choices=["on", "off"], default=None,
+                    help="quantized CFG: code the null half's activations as their difference from the conditional half's (default on; off codes each half on its own, as DIT4BIT_CFG_DELTA=off does everywhere)")
     ap.add_argument("--compare-fp", action="store_true",
                     help="also sample the FP model from the same noise; report PSNR")
     ap.add_argument("--image-size", type=common.number(int, 8, 4096), default=None,
@@ -369,6 +372,8 @@ def main(argv=None):
     if args.model and args.model != cfg["model"]:
         raise ValueError(f"{args.ckpt} holds a {cfg['model']} model, not {args.model}")
     model.to(args.device)
+    if args.cfg_delta:
+        quant.set_cfg_delta(model, args.cfg_delta == "on")
     default = IMAGENET_CLASSES if decoder is not None else list(range(model.num_classes))
     classes = parse_classes(args.classes, model.num_classes) if args.classes else default
     labels = class_labels(args.n, classes)

@@ -137,6 +137,23 @@ def test_qat_loss_weighs_each_sample_by_its_timestep_band(teacher):
             torch.testing.assert_close(got, each[i] / 4)  # only the sample in band b counts
 
 
+def test_both_halves_are_coded_as_the_sampler_codes_its_cfg_pair(teacher):
+    """QAT's loss and score run both halves as a CFG pair (dit.cfg_pairs): their guided ε is the
+    sampler's to float rounding, and differs from coding each half on its own."""
+    fp, _ = dit.load_checkpoint(teacher)
+    model = qat.prepare(fp, 4, 4, "double", init="plain")[0]  # quantizers on, per-token steps
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(4, 1, 32, 32, generator=g), torch.tensor([5, 150, 420, 990]), torch.tensor([1, 2, 3, 4])
+    from diffusion import guided
+    with torch.no_grad():
+        want = guided(model, y, 4.0, guide_channels=None)(x, t)  # (N, C, H, W)
+        mix = lambda h: h[1] + 4.0 * (h[0] - h[1])
+        torch.testing.assert_close(mix(qat.both_halves(model, x, t, y)), want, atol=1e-5, rtol=1e-5)
+        quant.set_cfg_delta(model, False)
+        own = mix(qat.both_halves(model, x, t, y))
+    assert (own - want).abs().max() > 1e-3
+
+
 def test_band_errors_are_the_guided_error_the_sampler_sees_per_band(teacher, fake_fmnist):
     fp, _ = dit.load_checkpoint(teacher)
     ho = qat.held_out(fp, n=3, seed=7, data_dir=fake_fmnist)
